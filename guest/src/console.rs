@@ -1,0 +1,139 @@
+//! The console: `console_io` for the initial domain, the PV console ring for any other domain
+//! (Xen drops a domU's `console_io` output on release builds). One writer behind `print!`.
+
+use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicU64, Ordering, fence};
+
+use hypercalls::abi::XenconsInterface;
+use hypercalls::calls;
+
+enum Backend {
+    /// Nothing set up yet: output is dropped (only possible before `init`).
+    None,
+    /// `console_io(CONSOLEIO_write)`: the initial domain's console.
+    Hypervisor,
+    /// The shared ring and the event channel that tells the backend to look at it.
+    Ring { ring: *mut XenconsInterface, evtchn: u32 },
+}
+
+// SAFETY: the ring pointer is only used under the console lock; there is one vCPU per lock holder.
+unsafe impl Send for Backend {}
+
+pub struct Console {
+    backend: Backend,
+}
+
+/// Bytes the backend accepted (console_io returned success, or the ring published them).
+static BYTES_ACCEPTED: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes the console backend has accepted so far.
+pub fn bytes_accepted() -> u64 {
+    BYTES_ACCEPTED.load(Ordering::SeqCst)
+}
+
+static CONSOLE: spin::Mutex<Console> = spin::Mutex::new(Console { backend: Backend::None });
+
+/// Use Xen's own console (initial domain).
+pub fn init_hypervisor_console() {
+    CONSOLE.lock().backend = Backend::Hypervisor;
+}
+
+/// Use the PV console ring mapped at `ring`, notifying the backend on `evtchn`.
+///
+/// # Safety
+/// `ring` must map the domain's console page for the rest of the guest's life.
+pub unsafe fn init_ring_console(ring: *mut XenconsInterface, evtchn: u32) {
+    CONSOLE.lock().backend = Backend::Ring { ring, evtchn };
+}
+
+/// The name of the console in use, for the banner.
+pub fn describe() -> &'static str {
+    match CONSOLE.lock().backend {
+        Backend::None => "none",
+        Backend::Hypervisor => "console_io",
+        Backend::Ring { .. } => "PV console ring",
+    }
+}
+
+impl Console {
+    fn write_bytes(&mut self, bytes: &[u8]) {
+        match self.backend {
+            Backend::None => {}
+            Backend::Hypervisor => {
+                if calls::console_write(bytes).is_ok() {
+                    BYTES_ACCEPTED.fetch_add(bytes.len() as u64, Ordering::SeqCst);
+                }
+            }
+            Backend::Ring { ring, evtchn } => write_ring(ring, evtchn, bytes),
+        }
+    }
+}
+
+fn write_ring(ring: *mut XenconsInterface, evtchn: u32, mut bytes: &[u8]) {
+    let size = 2048u32; // size of `output`
+    while !bytes.is_empty() {
+        // SAFETY: `ring` maps the console page (see `init_ring_console`). The backend writes
+        // `out_cons` concurrently, hence the volatile accesses and fences.
+        let (cons, prod) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*ring).out_cons),
+                core::ptr::read_volatile(&raw const (*ring).out_prod),
+            )
+        };
+        fence(Ordering::SeqCst);
+        let free = size - prod.wrapping_sub(cons);
+        if free == 0 {
+            // Full: poke the backend and give it the CPU.
+            let _ = calls::evtchn_send(evtchn);
+            calls::yield_cpu();
+            continue;
+        }
+        let n = core::cmp::min(free as usize, bytes.len());
+        for (i, b) in bytes[..n].iter().enumerate() {
+            let idx = (prod.wrapping_add(i as u32) & (size - 1)) as usize;
+            // SAFETY: idx < 2048; the slot lies between prod and cons + size, so it is ours.
+            unsafe { core::ptr::write_volatile(&raw mut (*ring).output[idx], *b) };
+        }
+        fence(Ordering::SeqCst);
+        // SAFETY: as above; publishing the new producer index after the data.
+        unsafe {
+            core::ptr::write_volatile(&raw mut (*ring).out_prod, prod.wrapping_add(n as u32))
+        };
+        BYTES_ACCEPTED.fetch_add(n as u64, Ordering::SeqCst);
+        let _ = calls::evtchn_send(evtchn);
+        bytes = &bytes[n..];
+    }
+}
+
+impl Write for Console {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.write_bytes(s.as_bytes());
+        Ok(())
+    }
+}
+
+#[doc(hidden)]
+pub fn _print(args: fmt::Arguments) {
+    let _ = CONSOLE.lock().write_fmt(args);
+}
+
+/// For the panic and trap paths: take the console even if the code that failed held it.
+pub fn emergency_print(args: fmt::Arguments) {
+    if CONSOLE.is_locked() {
+        // SAFETY: the holder will never continue (we are about to crash the domain, and there is
+        // a single vCPU), so breaking its lock cannot race with it.
+        unsafe { CONSOLE.force_unlock() };
+    }
+    _print(args);
+}
+
+#[macro_export]
+macro_rules! print {
+    ($($arg:tt)*) => ($crate::console::_print(format_args!($($arg)*)));
+}
+
+#[macro_export]
+macro_rules! println {
+    () => ($crate::print!("\n"));
+    ($($arg:tt)*) => ($crate::console::_print(format_args!("{}\n", format_args!($($arg)*))));
+}

@@ -1,0 +1,139 @@
+//! The in-guest test runner. Output follows XTF: a line per test, then `Test result: …`, which
+//! the harness (and Xen's own tooling) reads.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::cmdline::{self, Options};
+
+/// The outcome of the whole run, as XTF names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Success,
+    Failure,
+    Error,
+    Skip,
+}
+
+impl Verdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Success => "SUCCESS",
+            Verdict::Failure => "FAILURE",
+            Verdict::Error => "ERROR",
+            Verdict::Skip => "SKIP",
+        }
+    }
+}
+
+/// Why a test did not pass.
+#[derive(Debug)]
+pub enum TestFail {
+    Failed(String),
+    Skipped(String),
+}
+
+pub type TestOutcome = Result<(), TestFail>;
+
+/// What a test gets to see.
+pub struct Context<'a> {
+    pub options: &'a Options<'a>,
+}
+
+/// A registered in-guest test.
+pub struct TestCase {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub run: fn(&Context) -> TestOutcome,
+}
+
+/// Fail the test with a formatted reason unless `cond` holds.
+#[macro_export]
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err($crate::testing::TestFail::Failed(alloc::format!($($msg)+)));
+        }
+    };
+}
+
+/// Fail the test unless `left == right`, showing both.
+#[macro_export]
+macro_rules! ensure_eq {
+    ($left:expr, $right:expr, $($msg:tt)+) => {{
+        let (l, r) = (&$left, &$right);
+        if l != r {
+            return Err($crate::testing::TestFail::Failed(alloc::format!(
+                "{}: {:?} != {:?}", alloc::format!($($msg)+), l, r
+            )));
+        }
+    }};
+}
+
+/// Turn any displayable error into a test failure.
+pub fn failed(msg: impl core::fmt::Display) -> TestFail {
+    TestFail::Failed(alloc::format!("{msg}"))
+}
+
+/// Parse the command line, run what it selects, and return the overall verdict.
+pub fn run_from_cmdline(line: &str) -> Verdict {
+    let options = match cmdline::parse(line) {
+        Ok(o) => o,
+        Err(e) => {
+            println!("error: command line: {e}");
+            return Verdict::Error;
+        }
+    };
+    let registry = crate::tests::TESTS;
+    if options.list {
+        println!("{} tests:", registry.len());
+        for t in registry {
+            println!("  {:<20} {}", t.name, t.about);
+        }
+        return Verdict::Success;
+    }
+    let selected: Vec<&TestCase> = match &options.tests {
+        None => registry.iter().collect(),
+        Some(names) => {
+            let mut picked = Vec::new();
+            for name in names {
+                match registry.iter().find(|t| t.name == *name) {
+                    Some(t) => picked.push(t),
+                    None => {
+                        let known: Vec<&str> = registry.iter().map(|t| t.name).collect();
+                        println!("error: unknown test '{name}' (known tests: {})", known.join(", "));
+                        return Verdict::Error;
+                    }
+                }
+            }
+            picked
+        }
+    };
+    let ctx = Context { options: &options };
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    for t in &selected {
+        println!("[ RUN      ] {}", t.name);
+        match (t.run)(&ctx) {
+            Ok(()) => {
+                passed += 1;
+                println!("[       OK ] {}", t.name);
+            }
+            Err(TestFail::Failed(why)) => {
+                failed += 1;
+                println!("[  FAILED  ] {}: {}", t.name, why);
+            }
+            Err(TestFail::Skipped(why)) => {
+                skipped += 1;
+                println!("[  SKIPPED ] {}: {}", t.name, why);
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed, {skipped} skipped");
+    if failed > 0 {
+        Verdict::Failure
+    } else if passed == 0 && skipped > 0 {
+        Verdict::Skip
+    } else {
+        Verdict::Success
+    }
+}

@@ -1,0 +1,258 @@
+//! Exceptions: a trap table for every architectural vector a PV kernel can get, a report of
+//! what happened (vector, error code, rip, fault address, registers, backtrace), and fault
+//! probes: reads/writes that turn a fault into an `Err` instead of a crash (like Linux's
+//! exception table, for tests that expect a fault).
+//!
+//! Xen delivers an exception to a 64-bit PV kernel on its current stack with `rcx` and `r11`
+//! pushed on top of the hardware frame (`[rcx, r11, (error code), rip, cs, rflags, rsp, ss]`);
+//! a handler returns through the `iret` hypercall with `[flags, rip, cs, rflags, rsp, ss]` on the
+//! stack and the interrupted `rax`, `r11`, `rcx` still in their registers.
+
+use core::arch::global_asm;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use hypercalls::abi::{FLAT_KERNEL_CS, HYPERVISOR_IRET, trap_info};
+use hypercalls::calls;
+
+/// Register state at the exception, as the entry stubs push it (lowest address first).
+#[repr(C)]
+#[derive(Debug)]
+pub struct TrapFrame {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+macro_rules! trap_stubs {
+    ($($vec:literal $kind:ident),* $(,)?) => {
+        global_asm!(
+            ".macro trap_noerr vec",
+            "trap_entry_\\vec:",
+            "    pop rcx",
+            "    pop r11",
+            "    push 0",
+            "    push \\vec",
+            "    jmp trap_common",
+            ".endm",
+            ".macro trap_err vec",
+            "trap_entry_\\vec:",
+            "    pop rcx",
+            "    pop r11",
+            "    push \\vec",
+            "    jmp trap_common",
+            ".endm",
+            $(concat!("trap_", stringify!($kind), " ", stringify!($vec)),)*
+            "trap_common:",
+            "    push rax", "push rbx", "push rcx", "push rdx", "push rsi", "push rdi", "push rbp",
+            "    push r8", "push r9", "push r10", "push r11", "push r12", "push r13", "push r14",
+            "    push r15",
+            "    cld",
+            "    mov rdi, rsp",
+            "    mov rbx, rsp",
+            "    and rsp, -16",
+            "    call {dispatch}",
+            "    mov rsp, rbx",
+            "    pop r15", "pop r14", "pop r13", "pop r12", "pop r11", "pop r10", "pop r9",
+            "    pop r8", "pop rbp", "pop rdi", "pop rsi", "pop rdx", "pop rcx", "pop rbx",
+            "    pop rax",
+            "    add rsp, 16",
+            "    push 0",
+            "    jmp hypercall_page + {iret_offset}",
+            ".pushsection .rodata",
+            ".balign 8",
+            "trap_entry_table:",
+            $(concat!(".quad ", stringify!($vec), ", trap_entry_", stringify!($vec)),)*
+            ".quad 0, 0",
+            ".popsection",
+            dispatch = sym trap_dispatch,
+            iret_offset = const HYPERVISOR_IRET as usize * 32,
+        );
+    };
+}
+
+// Vectors with an error code: 8 #DF, 10 #TS, 11 #NP, 12 #SS, 13 #GP, 14 #PF, 17 #AC.
+trap_stubs!(
+    0 noerr, 1 noerr, 3 noerr, 4 noerr, 5 noerr, 6 noerr, 7 noerr, 8 err, 9 noerr, 10 err,
+    11 err, 12 err, 13 err, 14 err, 16 noerr, 17 err, 18 noerr, 19 noerr,
+);
+
+unsafe extern "C" {
+    /// Pairs of (vector, entry address), ending with (0, 0).
+    static trap_entry_table: [[u64; 2]; 19];
+}
+
+const VECTOR_NAMES: [&str; 20] = [
+    "#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow",
+    "#BR bound range", "#UD invalid opcode", "#NM device not available", "#DF double fault",
+    "coprocessor segment overrun", "#TS invalid TSS", "#NP segment not present",
+    "#SS stack fault", "#GP general protection", "#PF page fault", "reserved",
+    "#MF x87 error", "#AC alignment check", "#MC machine check", "#XM SIMD error",
+];
+
+pub fn vector_name(vector: u64) -> &'static str {
+    VECTOR_NAMES.get(vector as usize).copied().unwrap_or("unknown vector")
+}
+
+static mut TRAP_TABLE: [trap_info; 19] =
+    [trap_info { vector: 0, flags: 0, cs: 0, address: 0 }; 19];
+
+/// Register the trap table with Xen. #BP is allowed from any ring (flags = DPL 3).
+pub fn install() {
+    // SAFETY: the table was emitted by `trap_stubs!` above with exactly 19 pairs incl. the end.
+    let entries = unsafe { &*core::ptr::addr_of!(trap_entry_table) };
+    // SAFETY: runs once at boot on the only vCPU, before anything else reads TRAP_TABLE.
+    let table = unsafe { &mut *core::ptr::addr_of_mut!(TRAP_TABLE) };
+    for (slot, &[vector, address]) in table.iter_mut().zip(entries.iter()) {
+        *slot = trap_info {
+            vector: vector as u8,
+            flags: if vector == 3 { 3 } else { 0 },
+            cs: if address == 0 { 0 } else { FLAT_KERNEL_CS },
+            address,
+        };
+    }
+    calls::set_trap_table(table).expect("set_trap_table refused the table");
+}
+
+/// A fault that a probe turned into a value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub vector: u64,
+    pub error_code: u64,
+    /// Fault address (for #PF).
+    pub address: u64,
+}
+
+// Fault probes: the instruction at `probe_*_insn` may fault; the handler then resumes at
+// `probe_*_fixup` with rdx = 1. rdi = address, rsi = value (write).
+global_asm!(
+    ".globl probe_read_u64, probe_write_u64",
+    "probe_read_u64:",
+    "    xor edx, edx",
+    "probe_read_insn:",
+    "    mov rax, [rdi]",
+    "probe_read_fixup:",
+    "    ret",
+    "probe_write_u64:",
+    "    xor edx, edx",
+    "probe_write_insn:",
+    "    mov [rdi], rsi",
+    "probe_write_fixup:",
+    "    ret",
+);
+
+unsafe extern "C" {
+    static probe_read_insn: u8;
+    static probe_read_fixup: u8;
+    static probe_write_insn: u8;
+    static probe_write_fixup: u8;
+}
+
+static LAST_PROBE_FAULT: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+
+#[repr(C)]
+struct ProbeResult {
+    value: u64,
+    faulted: u64,
+}
+
+unsafe extern "sysv64" {
+    fn probe_read_u64(addr: u64) -> ProbeResult;
+    fn probe_write_u64(addr: u64, value: u64) -> ProbeResult;
+}
+
+fn probe_outcome(r: ProbeResult) -> Result<u64, Fault> {
+    if r.faulted == 0 {
+        Ok(r.value)
+    } else {
+        Err(Fault {
+            vector: LAST_PROBE_FAULT[0].load(Ordering::SeqCst),
+            error_code: LAST_PROBE_FAULT[1].load(Ordering::SeqCst),
+            address: LAST_PROBE_FAULT[2].load(Ordering::SeqCst),
+        })
+    }
+}
+
+/// Read a u64 at `addr`, or report the fault it raised.
+pub fn try_read_u64(addr: u64) -> Result<u64, Fault> {
+    // SAFETY: the probe only loads from `addr`; a fault is caught by the trap handler and turned
+    // into `faulted = 1`. The caller does not assume anything about the memory.
+    probe_outcome(unsafe { probe_read_u64(addr) })
+}
+
+/// Write a u64 at `addr`, or report the fault it raised.
+///
+/// # Safety
+/// If the write succeeds it changes memory at `addr`: nothing may rely on its old contents.
+pub unsafe fn try_write_u64(addr: u64, value: u64) -> Result<(), Fault> {
+    // SAFETY: the caller vouches for the write; a fault is caught as for the read.
+    probe_outcome(unsafe { probe_write_u64(addr, value) }).map(drop)
+}
+
+fn fixup_for(rip: u64) -> Option<u64> {
+    if rip == &raw const probe_read_insn as u64 {
+        Some(&raw const probe_read_fixup as u64)
+    } else if rip == &raw const probe_write_insn as u64 {
+        Some(&raw const probe_write_fixup as u64)
+    } else {
+        None
+    }
+}
+
+extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+    let address = if frame.vector == 14 { crate::xen::fault_address() } else { 0 };
+    if let Some(fixup) = fixup_for(frame.rip) {
+        LAST_PROBE_FAULT[0].store(frame.vector, Ordering::SeqCst);
+        LAST_PROBE_FAULT[1].store(frame.error_code, Ordering::SeqCst);
+        LAST_PROBE_FAULT[2].store(address, Ordering::SeqCst);
+        frame.rip = fixup;
+        frame.rdx = 1;
+        return;
+    }
+    report(frame, address);
+    crate::boot::crash();
+}
+
+fn report(f: &TrapFrame, address: u64) {
+    use crate::console::emergency_print as p;
+    p(format_args!(
+        "\n*** EXCEPTION {} ({}) error code {:#x} at rip {:#018x}\n",
+        f.vector,
+        vector_name(f.vector),
+        f.error_code,
+        f.rip
+    ));
+    if f.vector == 14 {
+        p(format_args!(
+            "    fault address {:#018x} ({} {} {})\n",
+            address,
+            if f.error_code & 1 != 0 { "protection" } else { "not-present" },
+            if f.error_code & 2 != 0 { "write" } else { "read" },
+            if f.error_code & 16 != 0 { "fetch" } else { "" },
+        ));
+    }
+    p(format_args!(
+        "    rax {:016x} rbx {:016x} rcx {:016x} rdx {:016x}\n    rsi {:016x} rdi {:016x} rbp {:016x} rsp {:016x}\n    r8  {:016x} r9  {:016x} r10 {:016x} r11 {:016x}\n    r12 {:016x} r13 {:016x} r14 {:016x} r15 {:016x}\n    cs {:04x} ss {:04x} rflags {:08x}\n",
+        f.rax, f.rbx, f.rcx, f.rdx, f.rsi, f.rdi, f.rbp, f.rsp, f.r8, f.r9, f.r10, f.r11, f.r12,
+        f.r13, f.r14, f.r15, f.cs, f.ss, f.rflags
+    ));
+    crate::boot::print_backtrace(f.rbp);
+}

@@ -1,0 +1,183 @@
+//! Typed hypercall wrappers: slices and structs in, `Result` with a named [`XenError`] out.
+//!
+//! Each wrapper only marshals arguments; what to call when is the kernel's business.
+
+use crate::abi::*;
+use crate::error::XenError;
+use crate::multicall::MulticallEntry;
+use crate::raw::hypercall;
+pub use crate::raw::hypercall_page_addr;
+
+/// How far a partly failed `mmu_update`/`mmuext_op` got: `done` requests took effect, the one at
+/// index `done` failed with `error`, and none after it ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartialFailure {
+    pub done: u32,
+    pub error: XenError,
+}
+
+fn checked_count(len: usize) -> Result<u32, XenError> {
+    // Xen reads bit 31 of the count as its own "preempted" marker.
+    if len as u64 >= MMU_UPDATE_PREEMPTED as u64 {
+        Err(XenError::Inval)
+    } else {
+        Ok(len as u32)
+    }
+}
+
+/// `console_io(CONSOLEIO_write)`: write bytes to Xen's console (the initial domain only, on a
+/// release build of Xen).
+pub fn console_write(bytes: &[u8]) -> Result<(), XenError> {
+    // SAFETY: Xen reads `len` bytes from a live slice.
+    let ret = unsafe {
+        hypercall(
+            HYPERVISOR_CONSOLE_IO,
+            CONSOLEIO_write as u64,
+            bytes.len() as u64,
+            bytes.as_ptr() as u64,
+            0,
+            0,
+        )
+    };
+    XenError::check(ret).map(drop)
+}
+
+/// `sched_op(SCHEDOP_shutdown, reason)`. Returns only if Xen refused.
+pub fn shutdown(reason: u32) -> XenError {
+    let arg = SchedShutdown { reason };
+    // SAFETY: Xen reads the struct, which outlives the call.
+    let ret = unsafe {
+        hypercall(HYPERVISOR_SCHED_OP, SCHEDOP_shutdown as u64, &arg as *const _ as u64, 0, 0, 0)
+    };
+    XenError::from_errno(ret)
+}
+
+/// `sched_op(SCHEDOP_yield)`.
+pub fn yield_cpu() {
+    // SAFETY: no pointer arguments.
+    unsafe { hypercall(HYPERVISOR_SCHED_OP, SCHEDOP_yield as u64, 0, 0, 0, 0) };
+}
+
+/// `xen_version(XENVER_version)`: (major, minor).
+pub fn xen_version() -> (u32, u32) {
+    // SAFETY: this sub-command takes no buffer.
+    let v = unsafe { hypercall(HYPERVISOR_XEN_VERSION, XENVER_VERSION as u64, 0, 0, 0, 0) };
+    ((v as u64 >> 16) as u32, (v as u64 & 0xffff) as u32)
+}
+
+/// `xen_version(cmd, buf)` for the string sub-commands; `buf` must be as large as Xen's type.
+pub fn xen_version_string(cmd: u32, buf: &mut [u8]) -> Result<(), XenError> {
+    let needed = match cmd {
+        XENVER_EXTRAVERSION => XEN_EXTRAVERSION_LEN,
+        XENVER_CAPABILITIES => XEN_CAPABILITIES_INFO_LEN,
+        _ => return Err(XenError::Inval),
+    };
+    if buf.len() < needed {
+        return Err(XenError::Range);
+    }
+    // SAFETY: `buf` holds at least as many bytes as Xen writes for `cmd`.
+    let ret =
+        unsafe { hypercall(HYPERVISOR_XEN_VERSION, cmd as u64, buf.as_mut_ptr() as u64, 0, 0, 0) };
+    XenError::check(ret).map(drop)
+}
+
+/// `mmu_update(reqs, count, &done, domid)`.
+pub fn mmu_update(reqs: &[MmuUpdate], domid: DomId) -> Result<(), PartialFailure> {
+    let count = checked_count(reqs.len()).map_err(|error| PartialFailure { done: 0, error })?;
+    let mut done: u32 = 0;
+    // SAFETY: Xen reads `count` requests from a live slice and writes `done`.
+    let ret = unsafe {
+        hypercall(
+            HYPERVISOR_MMU_UPDATE,
+            reqs.as_ptr() as u64,
+            count as u64,
+            &mut done as *mut u32 as u64,
+            domid as u64,
+            0,
+        )
+    };
+    match XenError::check(ret) {
+        Ok(_) => Ok(()),
+        Err(error) => Err(PartialFailure { done, error }),
+    }
+}
+
+/// `mmuext_op(ops, count, &done, domid)`.
+pub fn mmuext_op(ops: &[MmuextOp], domid: DomId) -> Result<(), PartialFailure> {
+    let count = checked_count(ops.len()).map_err(|error| PartialFailure { done: 0, error })?;
+    let mut done: u32 = 0;
+    // SAFETY: Xen reads `count` ops from a live slice and writes `done`.
+    let ret = unsafe {
+        hypercall(
+            HYPERVISOR_MMUEXT_OP,
+            ops.as_ptr() as u64,
+            count as u64,
+            &mut done as *mut u32 as u64,
+            domid as u64,
+            0,
+        )
+    };
+    match XenError::check(ret) {
+        Ok(_) => Ok(()),
+        Err(error) => Err(PartialFailure { done, error }),
+    }
+}
+
+/// `update_va_mapping(va, val, flags)`: write the L1 entry that maps `va` in the current tables.
+///
+/// # Safety
+/// Changing the mapping of `va` must not pull memory out from under live Rust references (e.g.
+/// remapping the stack or a borrowed buffer).
+pub unsafe fn update_va_mapping(va: u64, val: u64, flags: u64) -> Result<(), XenError> {
+    // SAFETY: the caller vouches that the mapping change is sound; no pointer is passed.
+    let ret = unsafe { hypercall(HYPERVISOR_UPDATE_VA_MAPPING, va, val, flags, 0, 0) };
+    XenError::check(ret).map(drop)
+}
+
+/// `multicall(entries, count)`. `Ok` means Xen ran every entry: each entry's own `result` says how
+/// it went. `Err` means the list itself was rejected.
+///
+/// # Safety
+/// Every pointer in every entry's arguments must be valid for that hypercall until this returns.
+pub unsafe fn multicall(entries: &mut [MulticallEntry]) -> Result<(), XenError> {
+    // SAFETY: the caller vouches for the pointers inside the entries; Xen writes `result` fields
+    // of the live slice.
+    let ret = unsafe {
+        hypercall(
+            HYPERVISOR_MULTICALL,
+            entries.as_mut_ptr() as u64,
+            entries.len() as u64,
+            0,
+            0,
+            0,
+        )
+    };
+    XenError::check(ret).map(drop)
+}
+
+/// `event_channel_op(EVTCHNOP_send, port)`.
+pub fn evtchn_send(port: u32) -> Result<(), XenError> {
+    let arg = EvtchnSend { port };
+    // SAFETY: Xen reads the struct, which outlives the call.
+    let ret = unsafe {
+        hypercall(HYPERVISOR_EVENT_CHANNEL_OP, EVTCHNOP_send as u64, &arg as *const _ as u64, 0, 0, 0)
+    };
+    XenError::check(ret).map(drop)
+}
+
+/// `set_trap_table(table)`: the table must end with an all-zero entry.
+pub fn set_trap_table(table: &'static [trap_info]) -> Result<(), XenError> {
+    match table.last() {
+        Some(t) if t.address == 0 && t.vector == 0 => {}
+        _ => return Err(XenError::Inval),
+    }
+    // SAFETY: Xen reads the zero-terminated table, which is 'static.
+    let ret = unsafe { hypercall(HYPERVISOR_SET_TRAP_TABLE, table.as_ptr() as u64, 0, 0, 0, 0) };
+    XenError::check(ret).map(drop)
+}
+
+/// Address of the `iret` stub: a trap handler returns by jumping here with the `iret` frame on
+/// its stack (it is not a function call).
+pub fn iret_stub_addr() -> u64 {
+    hypercall_page_addr() + HYPERVISOR_IRET as u64 * 32
+}
