@@ -63,7 +63,10 @@ fn banner(info: &xen::BootInfo) {
     let extra_len = extra.iter().position(|&b| b == 0).unwrap_or(extra.len());
     let extra = core::str::from_utf8(&extra[..extra_len]).unwrap_or("?");
     let mib = |pages: u64| pages * 4096 / (1024 * 1024);
-    println!("xenpv-lazy-mmu guest {} on Xen {major}.{minor}{extra}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "xenpv-lazy-mmu guest {} on Xen {major}.{minor}{extra}",
+        env!("CARGO_PKG_VERSION")
+    );
     println!(
         "  role {}, magic {}, flags {:#x}, console {}",
         info.role.name(),
@@ -71,11 +74,22 @@ fn banner(info: &xen::BootInfo) {
         info.flags,
         crate::console::describe()
     );
-    println!("  memory {} pages ({} MiB), free from pfn {:#x}", info.nr_pages, mib(info.nr_pages), info.first_free_pfn);
+    println!(
+        "  memory {} pages ({} MiB), free from pfn {:#x}",
+        info.nr_pages,
+        mib(info.nr_pages),
+        info.first_free_pfn
+    );
     println!("  image      {:#018x}-{:#018x}", VIRT_BASE, image_end());
-    println!("  P2M        {:#018x} ({} entries)", info.mfn_list, info.nr_pages);
+    println!(
+        "  P2M        {:#018x} ({} entries)",
+        info.mfn_list, info.nr_pages
+    );
     println!("  start_info {:#018x}", info.start_info_va);
-    println!("  page tables {:#018x} ({} frames)", info.pt_base, info.nr_pt_frames);
+    println!(
+        "  page tables {:#018x} ({} frames)",
+        info.pt_base, info.nr_pt_frames
+    );
     println!("  cmdline    \"{}\"", info.cmdline);
 }
 
@@ -119,7 +133,12 @@ pub fn print_backtrace(mut rbp: u64) {
 fn panic(info: &PanicInfo) -> ! {
     let p = crate::console::emergency_print;
     match info.location() {
-        Some(loc) => p(format_args!("\n*** PANIC at {}:{}: {}\n", loc.file(), loc.line(), info.message())),
+        Some(loc) => p(format_args!(
+            "\n*** PANIC at {}:{}: {}\n",
+            loc.file(),
+            loc.line(),
+            info.message()
+        )),
         None => p(format_args!("\n*** PANIC: {}\n", info.message())),
     }
     let rbp: u64;

@@ -46,7 +46,11 @@ impl Default for Options<'_> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CmdlineError<'a> {
     UnknownOption(&'a str),
-    BadValue { key: &'a str, value: &'a str, expected: &'static str },
+    BadValue {
+        key: &'a str,
+        value: &'a str,
+        expected: &'static str,
+    },
 }
 
 impl fmt::Display for CmdlineError<'_> {
@@ -56,7 +60,11 @@ impl fmt::Display for CmdlineError<'_> {
                 f,
                 "unknown option '{word}' (known: list, tests=a,b, lazy=nested|strict, stress, seed=N, ops=N, depth=N, bench, reps=N)"
             ),
-            CmdlineError::BadValue { key, value, expected } => {
+            CmdlineError::BadValue {
+                key,
+                value,
+                expected,
+            } => {
                 write!(f, "bad value '{value}' for '{key}': expected {expected}")
             }
         }
@@ -75,7 +83,11 @@ fn number<'a, T: TryFrom<u64>>(
     };
     match parsed.and_then(|v| T::try_from(v).ok()) {
         Some(v) if ok(&v) => Ok(v),
-        _ => Err(CmdlineError::BadValue { key, value, expected }),
+        _ => Err(CmdlineError::BadValue {
+            key,
+            value,
+            expected,
+        }),
     }
 }
 
@@ -105,12 +117,18 @@ pub fn parse(cmdline: &str) -> Result<Options<'_>, CmdlineError<'_>> {
             ("lazy", Some("strict")) => o.strict_lazy = true,
             ("lazy", Some("nested")) => o.strict_lazy = false,
             ("lazy", Some(v)) => {
-                return Err(CmdlineError::BadValue { key, value: v, expected: "nested or strict" });
+                return Err(CmdlineError::BadValue {
+                    key,
+                    value: v,
+                    expected: "nested or strict",
+                });
             }
             ("seed", Some(v)) => o.seed = number(key, v, "an integer", |_: &u64| true)?,
             ("ops", Some(v)) => o.ops = number(key, v, "an integer >= 1", |n: &u32| *n >= 1)?,
             ("depth", Some(v)) => {
-                o.depth = number(key, v, "an integer from 1 to 64", |n: &u32| (1..=64).contains(n))?
+                o.depth = number(key, v, "an integer from 1 to 64", |n: &u32| {
+                    (1..=64).contains(n)
+                })?
             }
             ("reps", Some(v)) => o.reps = number(key, v, "an integer >= 1", |n: &u32| *n >= 1)?,
             _ => return Err(CmdlineError::UnknownOption(word)),
@@ -146,10 +164,19 @@ mod tests {
 
     #[test]
     fn unknown_words_and_bad_values_are_named() {
-        assert_eq!(parse("tests=a frobnicate").unwrap_err(), CmdlineError::UnknownOption("frobnicate"));
-        assert_eq!(parse("list=yes").unwrap_err(), CmdlineError::UnknownOption("list=yes"));
+        assert_eq!(
+            parse("tests=a frobnicate").unwrap_err(),
+            CmdlineError::UnknownOption("frobnicate")
+        );
+        assert_eq!(
+            parse("list=yes").unwrap_err(),
+            CmdlineError::UnknownOption("list=yes")
+        );
         let e = parse("depth=0").unwrap_err();
-        assert!(e.to_string().contains("'0'") && e.to_string().contains("depth"), "{e}");
+        assert!(
+            e.to_string().contains("'0'") && e.to_string().contains("depth"),
+            "{e}"
+        );
         let e = parse("lazy=sloppy").unwrap_err();
         assert!(e.to_string().contains("sloppy"), "{e}");
         assert!(parse("tests=a,,b").is_err());

@@ -13,7 +13,10 @@ enum Backend {
     /// `console_io(CONSOLEIO_write)`: the initial domain's console.
     Hypervisor,
     /// The shared ring and the event channel that tells the backend to look at it.
-    Ring { ring: *mut XenconsInterface, evtchn: u32 },
+    Ring {
+        ring: *mut XenconsInterface,
+        evtchn: u32,
+    },
 }
 
 // SAFETY: the ring pointer is only used under the console lock; there is one vCPU per lock holder.
@@ -31,7 +34,9 @@ pub fn bytes_accepted() -> u64 {
     BYTES_ACCEPTED.load(Ordering::SeqCst)
 }
 
-static CONSOLE: spin::Mutex<Console> = spin::Mutex::new(Console { backend: Backend::None });
+static CONSOLE: spin::Mutex<Console> = spin::Mutex::new(Console {
+    backend: Backend::None,
+});
 
 /// Use Xen's own console (initial domain).
 pub fn init_hypervisor_console() {

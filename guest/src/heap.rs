@@ -15,7 +15,10 @@ static mut BOOT_HEAP: BootHeap = BootHeap([0; BOOT_HEAP_SIZE]);
 /// Give the allocator its memory.
 pub fn init() {
     // SAFETY: BOOT_HEAP is used by nothing but the allocator, and `init` runs once.
-    unsafe { HEAP.lock().init(&raw mut BOOT_HEAP as *mut u8, BOOT_HEAP_SIZE) };
+    unsafe {
+        HEAP.lock()
+            .init(&raw mut BOOT_HEAP as *mut u8, BOOT_HEAP_SIZE)
+    };
 }
 
 /// (used, free) bytes.

@@ -11,6 +11,7 @@ extern crate alloc;
 
 pub mod cmdline;
 pub mod mm;
+pub mod stress;
 
 #[cfg(target_os = "none")]
 #[macro_use]

@@ -101,7 +101,10 @@ pub fn run_from_cmdline(line: &str) -> Verdict {
                     Some(t) => picked.push(t),
                     None => {
                         let known: Vec<&str> = registry.iter().map(|t| t.name).collect();
-                        println!("error: unknown test '{name}' (known tests: {})", known.join(", "));
+                        println!(
+                            "error: unknown test '{name}' (known tests: {})",
+                            known.join(", ")
+                        );
                         return Verdict::Error;
                     }
                 }

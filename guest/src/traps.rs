@@ -101,19 +101,41 @@ unsafe extern "C" {
 }
 
 const VECTOR_NAMES: [&str; 20] = [
-    "#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow",
-    "#BR bound range", "#UD invalid opcode", "#NM device not available", "#DF double fault",
-    "coprocessor segment overrun", "#TS invalid TSS", "#NP segment not present",
-    "#SS stack fault", "#GP general protection", "#PF page fault", "reserved",
-    "#MF x87 error", "#AC alignment check", "#MC machine check", "#XM SIMD error",
+    "#DE divide error",
+    "#DB debug",
+    "NMI",
+    "#BP breakpoint",
+    "#OF overflow",
+    "#BR bound range",
+    "#UD invalid opcode",
+    "#NM device not available",
+    "#DF double fault",
+    "coprocessor segment overrun",
+    "#TS invalid TSS",
+    "#NP segment not present",
+    "#SS stack fault",
+    "#GP general protection",
+    "#PF page fault",
+    "reserved",
+    "#MF x87 error",
+    "#AC alignment check",
+    "#MC machine check",
+    "#XM SIMD error",
 ];
 
 pub fn vector_name(vector: u64) -> &'static str {
-    VECTOR_NAMES.get(vector as usize).copied().unwrap_or("unknown vector")
+    VECTOR_NAMES
+        .get(vector as usize)
+        .copied()
+        .unwrap_or("unknown vector")
 }
 
-static mut TRAP_TABLE: [trap_info; 19] =
-    [trap_info { vector: 0, flags: 0, cs: 0, address: 0 }; 19];
+static mut TRAP_TABLE: [trap_info; 19] = [trap_info {
+    vector: 0,
+    flags: 0,
+    cs: 0,
+    address: 0,
+}; 19];
 
 /// Register the trap table with Xen. #BP is allowed from any ring (flags = DPL 3).
 pub fn install() {
@@ -218,7 +240,11 @@ fn fixup_for(rip: u64) -> Option<u64> {
 }
 
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
-    let address = if frame.vector == 14 { crate::xen::fault_address() } else { 0 };
+    let address = if frame.vector == 14 {
+        crate::xen::fault_address()
+    } else {
+        0
+    };
     if let Some(fixup) = fixup_for(frame.rip) {
         LAST_PROBE_FAULT[0].store(frame.vector, Ordering::SeqCst);
         LAST_PROBE_FAULT[1].store(frame.error_code, Ordering::SeqCst);
@@ -244,15 +270,40 @@ fn report(f: &TrapFrame, address: u64) {
         p(format_args!(
             "    fault address {:#018x} ({} {} {})\n",
             address,
-            if f.error_code & 1 != 0 { "protection" } else { "not-present" },
-            if f.error_code & 2 != 0 { "write" } else { "read" },
+            if f.error_code & 1 != 0 {
+                "protection"
+            } else {
+                "not-present"
+            },
+            if f.error_code & 2 != 0 {
+                "write"
+            } else {
+                "read"
+            },
             if f.error_code & 16 != 0 { "fetch" } else { "" },
         ));
     }
     p(format_args!(
         "    rax {:016x} rbx {:016x} rcx {:016x} rdx {:016x}\n    rsi {:016x} rdi {:016x} rbp {:016x} rsp {:016x}\n    r8  {:016x} r9  {:016x} r10 {:016x} r11 {:016x}\n    r12 {:016x} r13 {:016x} r14 {:016x} r15 {:016x}\n    cs {:04x} ss {:04x} rflags {:08x}\n",
-        f.rax, f.rbx, f.rcx, f.rdx, f.rsi, f.rdi, f.rbp, f.rsp, f.r8, f.r9, f.r10, f.r11, f.r12,
-        f.r13, f.r14, f.r15, f.cs, f.ss, f.rflags
+        f.rax,
+        f.rbx,
+        f.rcx,
+        f.rdx,
+        f.rsi,
+        f.rdi,
+        f.rbp,
+        f.rsp,
+        f.r8,
+        f.r9,
+        f.r10,
+        f.r11,
+        f.r12,
+        f.r13,
+        f.r14,
+        f.r15,
+        f.cs,
+        f.ss,
+        f.rflags
     ));
     crate::boot::print_backtrace(f.rbp);
 }

@@ -75,7 +75,10 @@ pub fn validate_start_info(
     let magic = core::str::from_utf8(&magic_bytes[..magic_len])
         .map_err(|_| StartInfoError("magic is not text", 0))?;
     if !magic.starts_with("xen-3.0-x86_64") {
-        return Err(StartInfoError("magic is not xen-3.0-x86_64*", magic_len as u64));
+        return Err(StartInfoError(
+            "magic is not xen-3.0-x86_64*",
+            magic_len as u64,
+        ));
     }
     let nr_pages = si.nr_pages;
     let image_end = crate::boot::image_end();
@@ -84,25 +87,43 @@ pub fn validate_start_info(
         return Err(StartInfoError("nr_pages does not fit the image", nr_pages));
     }
     let mapped_end = VIRT_BASE + nr_pages * PAGE_SIZE;
-    let in_domain = |va: u64, len: u64| va >= VIRT_BASE && va.checked_add(len).is_some_and(|e| e <= mapped_end);
+    let in_domain =
+        |va: u64, len: u64| va >= VIRT_BASE && va.checked_add(len).is_some_and(|e| e <= mapped_end);
     if si.pt_base % PAGE_SIZE != 0 || !in_domain(si.pt_base, PAGE_SIZE) {
-        return Err(StartInfoError("pt_base is not a page of the boot mapping", si.pt_base));
+        return Err(StartInfoError(
+            "pt_base is not a page of the boot mapping",
+            si.pt_base,
+        ));
     }
     if si.nr_pt_frames == 0 || !in_domain(si.pt_base, si.nr_pt_frames * PAGE_SIZE) {
-        return Err(StartInfoError("nr_pt_frames does not fit the boot mapping", si.nr_pt_frames));
+        return Err(StartInfoError(
+            "nr_pt_frames does not fit the boot mapping",
+            si.nr_pt_frames,
+        ));
     }
     if si.mfn_list % 8 != 0 || !in_domain(si.mfn_list, nr_pages * 8) {
-        return Err(StartInfoError("mfn_list (P2M) is not inside the boot mapping", si.mfn_list));
+        return Err(StartInfoError(
+            "mfn_list (P2M) is not inside the boot mapping",
+            si.mfn_list,
+        ));
     }
     let start_info_va = si as *const _ as u64;
-    let role = if si.flags & SIF_INITDOMAIN != 0 { Role::InitialDomain } else { Role::Guest };
+    let role = if si.flags & SIF_INITDOMAIN != 0 {
+        Role::InitialDomain
+    } else {
+        Role::Guest
+    };
     // SAFETY: reading a union of two plain-integer structs; both views are always valid.
     let (console_mfn, console_evtchn) = unsafe { (si.console.domU.mfn, si.console.domU.evtchn) };
     if role == Role::Guest && (console_mfn == 0 || console_evtchn == 0) {
-        return Err(StartInfoError("domU without a console page or event channel", console_mfn));
+        return Err(StartInfoError(
+            "domU without a console page or event channel",
+            console_mfn,
+        ));
     }
     // SAFETY: `cmd_line` is an i8 array; reading it as bytes of the same length is sound.
-    let cmd_bytes: &'static [u8; 1024] = unsafe { &*(&si.cmd_line as *const _ as *const [u8; 1024]) };
+    let cmd_bytes: &'static [u8; 1024] =
+        unsafe { &*(&si.cmd_line as *const _ as *const [u8; 1024]) };
     let cmd_len = cmd_bytes
         .iter()
         .position(|&b| b == 0)
@@ -124,7 +145,10 @@ pub fn validate_start_info(
     .max()
     .unwrap_or(image_end);
     if !in_domain(used_end - 1, 1) {
-        return Err(StartInfoError("boot stack outside the boot mapping", boot_stack_top));
+        return Err(StartInfoError(
+            "boot stack outside the boot mapping",
+            boot_stack_top,
+        ));
     }
     Ok(BOOT_INFO.call_once(|| BootInfo {
         magic,
@@ -204,7 +228,11 @@ pub fn fault_address() -> u64 {
 /// Machine frame of pseudo-physical frame `pfn` (P2M lookup).
 pub fn pfn_to_mfn(pfn: u64) -> u64 {
     let info = boot_info();
-    assert!(pfn < info.nr_pages, "pfn {pfn:#x} beyond nr_pages {:#x}", info.nr_pages);
+    assert!(
+        pfn < info.nr_pages,
+        "pfn {pfn:#x} beyond nr_pages {:#x}",
+        info.nr_pages
+    );
     // SAFETY: `mfn_list` holds `nr_pages` entries inside the boot mapping (validated).
     unsafe { core::ptr::read((info.mfn_list as *const u64).add(pfn as usize)) }
 }

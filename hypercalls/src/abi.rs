@@ -4,8 +4,8 @@ pub use xen_sys::{
     __HYPERVISOR_console_io as HYPERVISOR_CONSOLE_IO,
     __HYPERVISOR_event_channel_op as HYPERVISOR_EVENT_CHANNEL_OP,
     __HYPERVISOR_iret as HYPERVISOR_IRET, __HYPERVISOR_mmu_update as HYPERVISOR_MMU_UPDATE,
-    __HYPERVISOR_mmuext_op as HYPERVISOR_MMUEXT_OP,
-    __HYPERVISOR_multicall as HYPERVISOR_MULTICALL, __HYPERVISOR_sched_op as HYPERVISOR_SCHED_OP,
+    __HYPERVISOR_mmuext_op as HYPERVISOR_MMUEXT_OP, __HYPERVISOR_multicall as HYPERVISOR_MULTICALL,
+    __HYPERVISOR_sched_op as HYPERVISOR_SCHED_OP,
     __HYPERVISOR_set_trap_table as HYPERVISOR_SET_TRAP_TABLE,
     __HYPERVISOR_update_va_mapping as HYPERVISOR_UPDATE_VA_MAPPING,
     __HYPERVISOR_xen_version as HYPERVISOR_XEN_VERSION, CONSOLEIO_write, EVTCHNOP_send,
@@ -82,7 +82,10 @@ pub struct EvtchnSend {
 
 /// Build an `mmu_update` request writing `val` to the page-table entry at machine address `ptr`.
 pub const fn pt_update(ptr: u64, val: u64) -> MmuUpdate {
-    MmuUpdate { ptr: ptr | MMU_NORMAL_PT_UPDATE as u64, val }
+    MmuUpdate {
+        ptr: ptr | MMU_NORMAL_PT_UPDATE as u64,
+        val,
+    }
 }
 
 /// Build an `mmuext_op` that takes a frame (pin, unpin).

@@ -3,18 +3,10 @@
 //! Each wrapper only marshals arguments; what to call when is the kernel's business.
 
 use crate::abi::*;
-use crate::error::XenError;
+use crate::error::{PartialFailure, XenError};
 use crate::multicall::MulticallEntry;
 use crate::raw::hypercall;
 pub use crate::raw::hypercall_page_addr;
-
-/// How far a partly failed `mmu_update`/`mmuext_op` got: `done` requests took effect, the one at
-/// index `done` failed with `error`, and none after it ran.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PartialFailure {
-    pub done: u32,
-    pub error: XenError,
-}
 
 fn checked_count(len: usize) -> Result<u32, XenError> {
     // Xen reads bit 31 of the count as its own "preempted" marker.
@@ -47,7 +39,14 @@ pub fn shutdown(reason: u32) -> XenError {
     let arg = SchedShutdown { reason };
     // SAFETY: Xen reads the struct, which outlives the call.
     let ret = unsafe {
-        hypercall(HYPERVISOR_SCHED_OP, SCHEDOP_shutdown as u64, &arg as *const _ as u64, 0, 0, 0)
+        hypercall(
+            HYPERVISOR_SCHED_OP,
+            SCHEDOP_shutdown as u64,
+            &arg as *const _ as u64,
+            0,
+            0,
+            0,
+        )
     };
     XenError::from_errno(ret)
 }
@@ -76,8 +75,16 @@ pub fn xen_version_string(cmd: u32, buf: &mut [u8]) -> Result<(), XenError> {
         return Err(XenError::Range);
     }
     // SAFETY: `buf` holds at least as many bytes as Xen writes for `cmd`.
-    let ret =
-        unsafe { hypercall(HYPERVISOR_XEN_VERSION, cmd as u64, buf.as_mut_ptr() as u64, 0, 0, 0) };
+    let ret = unsafe {
+        hypercall(
+            HYPERVISOR_XEN_VERSION,
+            cmd as u64,
+            buf.as_mut_ptr() as u64,
+            0,
+            0,
+            0,
+        )
+    };
     XenError::check(ret).map(drop)
 }
 
@@ -160,7 +167,14 @@ pub fn evtchn_send(port: u32) -> Result<(), XenError> {
     let arg = EvtchnSend { port };
     // SAFETY: Xen reads the struct, which outlives the call.
     let ret = unsafe {
-        hypercall(HYPERVISOR_EVENT_CHANNEL_OP, EVTCHNOP_send as u64, &arg as *const _ as u64, 0, 0, 0)
+        hypercall(
+            HYPERVISOR_EVENT_CHANNEL_OP,
+            EVTCHNOP_send as u64,
+            &arg as *const _ as u64,
+            0,
+            0,
+            0,
+        )
     };
     XenError::check(ret).map(drop)
 }

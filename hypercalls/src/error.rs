@@ -141,6 +141,14 @@ impl XenError {
     }
 }
 
+/// How far a partly failed `mmu_update`/`mmuext_op` got: `done` requests took effect, the one at
+/// index `done` failed with `error`, and none after it ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartialFailure {
+    pub done: u32,
+    pub error: XenError,
+}
+
 impl fmt::Display for XenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "-{} ({})", self.name(), self.errno())

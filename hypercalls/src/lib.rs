@@ -21,5 +21,5 @@ pub mod calls;
 mod raw;
 
 pub use abi::{DomId, MmuUpdate, MmuextOp};
-pub use error::XenError;
+pub use error::{PartialFailure, XenError};
 pub use multicall::MulticallEntry;

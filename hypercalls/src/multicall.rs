@@ -12,7 +12,11 @@ use crate::abi::{
 pub type MulticallEntry = xen_sys::multicall_entry;
 
 /// An empty entry, for initialising arrays.
-pub const EMPTY_ENTRY: MulticallEntry = MulticallEntry { op: 0, result: 0, args: [0; 6] };
+pub const EMPTY_ENTRY: MulticallEntry = MulticallEntry {
+    op: 0,
+    result: 0,
+    args: [0; 6],
+};
 
 /// `mmu_update(reqs, count, pdone, domid)` as a multicall entry. The pointers must stay valid
 /// until the multicall returns.

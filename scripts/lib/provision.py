@@ -133,3 +133,43 @@ if __name__ == "__main__":
     paths = ensure_base()
     for k, v in paths.items():
         print(f"{k}={v}")
+
+
+def resolve_dependency(meta, prefix):
+    """The package a metapackage (`linux-image-amd64`) currently depends on, e.g. the versioned
+    kernel image. Falls back to the newest matching .deb already cached when apt has no answer."""
+    for attempt in range(2):
+        out = subprocess.run(["apt-cache", "depends", meta], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            dep = line.strip().removeprefix("Depends:").strip()
+            if line.strip().startswith("Depends:") and dep.startswith(prefix):
+                return dep
+        if attempt == 0:
+            apt_update()
+    cached = sorted(DEBS.glob(f"{prefix}*.deb"))
+    if cached:
+        return cached[-1].name.split("_", 1)[0]
+    raise SystemExit(f"cannot resolve which {prefix}* package {meta} depends on")
+
+
+def extract_from_deb(deb, dest, members):
+    """Unpack only `members` (tar wildcards such as './boot/vmlinuz-*') of `deb` into `dest`.
+
+    A full `dpkg -x` of a kernel image writes ~400 MB of modules we never load; the stamp records
+    the .deb and the member list so a change of either re-extracts.
+    """
+    dest = Path(dest)
+    stamp = dest / ".unpacked-from"
+    key = deb.name + "\n" + "\n".join(members)
+    if stamp.exists() and stamp.read_text() == key:
+        return dest
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    run(["tar", "-x", "-C", str(dest), "--wildcards", *members], stdin=tar.stdout)
+    tar.stdout.close()
+    if tar.wait() != 0:
+        raise SystemExit(f"dpkg-deb --fsys-tarfile {deb} failed")
+    stamp.write_text(key)
+    return dest

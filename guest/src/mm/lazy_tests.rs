@@ -1,0 +1,1 @@
+//! Host tests of the lazy-MMU core against the model.

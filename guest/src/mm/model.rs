@@ -1,0 +1,1 @@
+//! A model of Xen's PV MMU hypercalls for host tests.
