@@ -49,7 +49,12 @@ pub unsafe extern "C" fn kernel_start(si: *const start_info, boot_stack_top: u64
     }
     xen::map_shared_info(info).expect("cannot map shared_info");
     crate::traps::install();
-    crate::heap::init();
+    if let Err(e) = crate::mm::init(info) {
+        panic!("memory management: {e}");
+    }
+    if let Err(e) = crate::heap::init() {
+        panic!("heap: {e}");
+    }
     banner(info);
     let verdict = crate::testing::run_from_cmdline(info.cmdline);
     println!("Test result: {}", verdict.name());
@@ -89,6 +94,14 @@ fn banner(info: &xen::BootInfo) {
     println!(
         "  page tables {:#018x} ({} frames)",
         info.pt_base, info.nr_pt_frames
+    );
+    let fs = crate::mm::frames::stats();
+    println!(
+        "  linear map up to pfn {:#x}; heap {:#x} ({} KiB); {} frames allocated",
+        fs.mapped_end_pfn,
+        crate::heap::HEAP_VA,
+        crate::heap::HEAP_PAGES * 4,
+        fs.allocated
     );
     println!("  cmdline    \"{}\"", info.cmdline);
 }

@@ -1,24 +1,26 @@
-//! The kernel heap: `linked_list_allocator` over memory the kernel owns.
+//! The kernel heap: `linked_list_allocator` over fresh frames mapped with the lazy-MMU API at
+//! [`HEAP_VA`], so the allocator itself is a user of the page-table code.
 
 use linked_list_allocator::LockedHeap;
+
+use crate::mm::{MmError, pagetable};
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
 
-const BOOT_HEAP_SIZE: usize = 1024 * 1024;
+/// Where the heap lives: its own L4 slot, far from the image and the linear map.
+pub const HEAP_VA: u64 = 0xFFFF_C900_0000_0000;
+pub const HEAP_PAGES: u64 = 1024;
 
-#[repr(C, align(4096))]
-struct BootHeap([u8; BOOT_HEAP_SIZE]);
-
-static mut BOOT_HEAP: BootHeap = BootHeap([0; BOOT_HEAP_SIZE]);
-
-/// Give the allocator its memory.
-pub fn init() {
-    // SAFETY: BOOT_HEAP is used by nothing but the allocator, and `init` runs once.
+/// Map the heap's pages and give them to the allocator.
+pub fn init() -> Result<(), MmError> {
+    pagetable::map_fresh(HEAP_VA, HEAP_PAGES, |_, _| {})?;
+    // SAFETY: the range was just mapped read-write for the heap alone, and `init` runs once.
     unsafe {
         HEAP.lock()
-            .init(&raw mut BOOT_HEAP as *mut u8, BOOT_HEAP_SIZE)
+            .init(HEAP_VA as *mut u8, (HEAP_PAGES * 4096) as usize)
     };
+    Ok(())
 }
 
 /// (used, free) bytes.

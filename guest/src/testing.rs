@@ -84,6 +84,7 @@ pub fn run_from_cmdline(line: &str) -> Verdict {
             return Verdict::Error;
         }
     };
+    crate::mm::pte::set_strict(options.strict_lazy);
     let registry = crate::tests::TESTS;
     if options.list {
         println!("{} tests:", registry.len());

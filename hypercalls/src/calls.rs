@@ -6,7 +6,7 @@ use crate::abi::*;
 use crate::error::{PartialFailure, XenError};
 use crate::multicall::MulticallEntry;
 use crate::raw::hypercall;
-pub use crate::raw::hypercall_page_addr;
+pub use crate::raw::{hypercall_page_addr, issued};
 
 fn checked_count(len: usize) -> Result<u32, XenError> {
     // Xen reads bit 31 of the count as its own "preempted" marker.

@@ -1,6 +1,7 @@
 //! The one way into Xen: a `call` into the hypercall page Xen filled in at domain build.
 
 use core::arch::{asm, global_asm};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 // The hypercall page: 128 stubs of 32 bytes. Xen writes them when it builds the domain (the
 // HYPERCALL_PAGE ELF note points here). It must be page aligned: Xen does not check, and a
@@ -18,6 +19,14 @@ unsafe extern "C" {
     static hypercall_page: [u8; 4096];
 }
 
+/// Hypercalls issued since boot: an observation point independent of any batching logic above.
+static ISSUED: AtomicU64 = AtomicU64::new(0);
+
+/// How many hypercalls this guest has made (the `iret` jump excluded).
+pub fn issued() -> u64 {
+    ISSUED.load(Ordering::Relaxed)
+}
+
 /// Address of the hypercall page (for the ELF note and for `iret`).
 pub fn hypercall_page_addr() -> u64 {
     core::ptr::addr_of!(hypercall_page) as u64
@@ -31,6 +40,7 @@ pub fn hypercall_page_addr() -> u64 {
 /// (e.g. unmapping the running stack).
 #[inline(always)]
 pub unsafe fn hypercall(nr: u32, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64) -> i64 {
+    ISSUED.fetch_add(1, Ordering::Relaxed);
     let entry = hypercall_page_addr() + nr as u64 * 32;
     let ret: i64;
     // SAFETY: the caller vouches for the arguments. The stub pushes rcx/r11 on our stack (so no
