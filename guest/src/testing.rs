@@ -45,6 +45,8 @@ pub struct TestCase {
     pub name: &'static str,
     pub about: &'static str,
     pub run: fn(&Context) -> TestOutcome,
+    /// Ends the domain on purpose (e.g. a BUG): runs only when named in `tests=`.
+    pub crashes: bool,
 }
 
 /// Fail the test with a formatted reason unless `cond` holds.
@@ -89,12 +91,17 @@ pub fn run_from_cmdline(line: &str) -> Verdict {
     if options.list {
         println!("{} tests:", registry.len());
         for t in registry {
-            println!("  {:<20} {}", t.name, t.about);
+            let note = if t.crashes {
+                " (crashes on purpose; run by name)"
+            } else {
+                ""
+            };
+            println!("  {:<22} {}{note}", t.name, t.about);
         }
         return Verdict::Success;
     }
     let selected: Vec<&TestCase> = match &options.tests {
-        None => registry.iter().collect(),
+        None => registry.iter().filter(|t| !t.crashes).collect(),
         Some(names) => {
             let mut picked = Vec::new();
             for name in names {

@@ -4,32 +4,87 @@
 use crate::testing::TestCase;
 
 mod basics;
+mod lazy_mmu;
+
+const fn test(
+    name: &'static str,
+    about: &'static str,
+    run: fn(&crate::testing::Context) -> crate::testing::TestOutcome,
+) -> TestCase {
+    TestCase {
+        name,
+        about,
+        run,
+        crashes: false,
+    }
+}
 
 /// Every in-guest test, in the order a full run takes them.
 pub static TESTS: &[TestCase] = &[
+    test(
+        "console",
+        "console output reaches the backend",
+        basics::console,
+    ),
+    test(
+        "start_info",
+        "start_info facts are consistent with P2M/M2P",
+        basics::start_info,
+    ),
+    test(
+        "hypercall_page",
+        "Xen filled the hypercall page; xen_version answers",
+        basics::hypercall_page,
+    ),
+    test(
+        "heap",
+        "Vec/Box round trip through the allocator",
+        basics::heap,
+    ),
+    test(
+        "page_fault",
+        "a deliberate #PF is caught, reported and recovered from",
+        basics::page_fault,
+    ),
+    test(
+        "eager_set_pte",
+        "outside lazy mode one set_pte is one mmu_update",
+        lazy_mmu::eager_set_pte,
+    ),
+    test(
+        "lazy_batch",
+        "512 writes in a section: no hypercall before leave, one after",
+        lazy_mmu::lazy_batch,
+    ),
+    test(
+        "move_ptes",
+        "move_ptes()-like loop with nested set_ptes across an L1 boundary",
+        lazy_mmu::move_ptes,
+    ),
+    test(
+        "buffer_overflow",
+        "a section larger than the buffer flushes once when full",
+        lazy_mmu::buffer_overflow,
+    ),
+    test(
+        "nested_sections",
+        "8-deep nesting, writes at every level, every leave flushes",
+        lazy_mmu::nested_sections,
+    ),
+    test(
+        "invalid_request",
+        "a rejected request mid-batch is reported, the rest applied",
+        lazy_mmu::invalid_request,
+    ),
+    test(
+        "api_misuse",
+        "set_ptes contract and unbalanced leave are refused, nothing lost",
+        lazy_mmu::api_misuse,
+    ),
     TestCase {
-        name: "console",
-        about: "console output reaches the backend",
-        run: basics::console,
-    },
-    TestCase {
-        name: "start_info",
-        about: "start_info facts are consistent with P2M/M2P",
-        run: basics::start_info,
-    },
-    TestCase {
-        name: "hypercall_page",
-        about: "Xen filled the hypercall page; xen_version answers",
-        run: basics::hypercall_page,
-    },
-    TestCase {
-        name: "heap",
-        about: "Vec/Box round trip through the allocator",
-        run: basics::heap,
-    },
-    TestCase {
-        name: "page_fault",
-        about: "a deliberate #PF is caught, reported and recovered from",
-        run: basics::page_fault,
+        name: "bug_unbalanced_leave",
+        about: "an unbalanced leave through the kernel API is a BUG",
+        run: lazy_mmu::bug_unbalanced_leave,
+        crashes: true,
     },
 ];
