@@ -109,13 +109,8 @@ impl PtePtr {
 /// A fatal misuse of the lazy-MMU API is a kernel bug, as `BUG()` is in Linux.
 fn bug_on_misuse(result: Result<(), MmuError>) -> Result<(), MmuError> {
     match result {
-        Err(
-            e @ (MmuError::NestedEnter { .. }
-            | MmuError::UnbalancedLeave
-            | MmuError::UnbalancedResume),
-        ) => {
-            panic!("{e}")
-        }
+        Err(e @ MmuError::NestedEnter { .. }) => panic!("{e}"),
+        Err(e @ (MmuError::UnbalancedLeave | MmuError::UnbalancedResume)) => panic!("BUG: {e}"),
         other => other,
     }
 }
