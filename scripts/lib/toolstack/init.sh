@@ -1,0 +1,176 @@
+#!/bin/sh
+# PID 1 of the toolstack dom0: bring up xenstored/xenconsoled, run each job in /jobs/list as a
+# domU with xl, stream its console to ours with a "[name] " prefix, and report on the serial:
+#   @@ready <uptime>             toolstack is up
+#   @@start <name>               before `xl create`
+#   @@job <name> <VERDICT> <s>   verdict and seconds from `xl create` to the verdict
+#   @@fatal <message>            dom0 setup failed; nothing more will come
+#   @@done                       all jobs finished; dom0 powers off next
+# /jobs/list lines: <index> <domain name> <quiet timeout in s> <job name>; /jobs/<index>.cfg is
+# the xl config the host wrote.
+
+export PATH=/bin:/usr/lib/xen-4.17/bin
+export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
+
+fatal() {
+    echo "@@fatal $*"
+    poweroff -f
+    sleep 1000
+}
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev || fatal "mount devtmpfs"
+mkdir -p /dev/pts
+# xenconsoled gives each domain a pty.
+mount -t devpts devpts /dev/pts || fatal "mount devpts"
+mount -t tmpfs tmpfs /run
+ln -s /run /var/run
+for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc; do
+    insmod /lib/modules/$m.ko || fatal "insmod $m"
+done
+mount -t xenfs xenfs /proc/xen || fatal "mount xenfs"
+mkdir -p /run/xen /run/xenstored /var/lib/xenstored /var/lib/xen /var/log/xen/console /var/lock
+
+xenstored --pid-file=/run/xenstored.pid || fatal "xenstored"
+xen-init-dom0 > /tmp/xen-init-dom0.log 2>&1 || { cat /tmp/xen-init-dom0.log; fatal "xen-init-dom0"; }
+xenconsoled --log=guest --log-dir=/var/log/xen/console --pid-file=/run/xenconsoled.pid \
+    || fatal "xenconsoled"
+
+# NOW = uptime in centiseconds (no fork: /proc/uptime and shell arithmetic).
+now() {
+    read -r up _ < /proc/uptime
+    NOW=$(( ${up%.*} * 100 + 1${up#*.} - 100 ))
+}
+
+secs() {
+    SECS="$(( $1 / 100 )).$(( $1 % 100 / 10 ))"
+}
+
+# The domain's state column from `xl list` (e.g. "-b----", "---s--", "---sc-"), or "gone".
+domstate() {
+    set -- $(xl list "$1" 2>/dev/null | tail -n 1)
+    if [ "$1" = "$DOM" ]; then STATE=$5; else STATE=gone; fi
+}
+
+# Prefixes console lines, counts them (for the quiet timeout) and records the first result line.
+PREFIX_AWK='
+{
+    sub(/\r$/, "")
+    print p $0
+    fflush()
+    n++
+    print n > nf
+    close(nf)
+    if (v == "" && match($0, /Test result: (SUCCESS|FAILURE|ERROR|SKIP)/)) {
+        v = substr($0, RSTART + 13, RLENGTH - 13)
+        print v > vf
+        close(vf)
+    }
+}'
+
+# The console reader ends when xenconsoled closes the log (after the domain is destroyed); if the
+# domain never got a console it is still waiting to open the FIFO, so do not wait long.
+end_reader() {
+    i=0
+    while kill -0 $reader 2> /dev/null && [ $i -lt 30 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    kill $reader 2> /dev/null
+    wait $reader 2> /dev/null
+}
+
+run_job() {
+    IDX=$1 DOM=$2 TMO=$3 NAME=$4
+    log=/var/log/xen/console/guest-$DOM.log
+    vf=/tmp/verdict.$IDX
+    nf=/tmp/lines.$IDX
+    rm -f "$log" "$vf" "$nf"
+    # xenconsoled appends to guest-<name>.log; as a FIFO with our reader on the other end, the
+    # console streams without polling, and the reader sees EOF exactly when xenconsoled lets go
+    # of the domain (so all its output is printed before the verdict marker).
+    mkfifo "$log"
+    awk -v p="[$NAME] " -v vf="$vf" -v nf="$nf" "$PREFIX_AWK" < "$log" &
+    reader=$!
+
+    echo "@@start $NAME"
+    now
+    t0=$NOW
+    if ! xl create "/jobs/$IDX.cfg" > /tmp/create.$IDX 2>&1 < /dev/null; then
+        now
+        while read -r line; do echo "[$NAME] xl create: $line"; done < /tmp/create.$IDX
+        # xl may fail after the domain exists (and even runs): never leave it behind.
+        xl destroy "$DOM" > /dev/null 2>&1 < /dev/null
+        end_reader
+        secs $((NOW - t0))
+        echo "@@job $NAME CRASH $SECS"
+        return
+    fi
+
+    verdict=
+    lines=0
+    quiet_since=$t0
+    next_state=0
+    ended=
+    while :; do
+        now
+        if [ -s "$vf" ]; then
+            read -r verdict < "$vf"
+            [ -n "$verdict" ] && break
+        fi
+        if [ -e "$nf" ]; then
+            read -r n < "$nf"
+            if [ "$n" != "$lines" ]; then lines=$n; quiet_since=$NOW; fi
+        fi
+        if [ -n "$ended" ]; then
+            # Stopped without a result line: give the console a moment to drain first.
+            if [ $((NOW - ended)) -ge 100 ]; then
+                echo "[$NAME] (domain stopped without a result line; xl state: $STATE)"
+                verdict=CRASH
+                NOW=$ended
+                break
+            fi
+        elif [ "$NOW" -ge "$next_state" ]; then
+            next_state=$((NOW + 50))
+            domstate "$DOM"
+            case "$STATE" in
+                *c*|*s*|gone) ended=$NOW ;;
+            esac
+        fi
+        if [ $((NOW - quiet_since)) -ge $((TMO * 100)) ]; then
+            verdict=TIMEOUT
+            echo "[$NAME] (no console output for $TMO s)"
+            break
+        fi
+        sleep 0.1
+    done
+    t1=$NOW
+
+    case "$verdict" in
+        SUCCESS|FAILURE|ERROR|SKIP)
+            # The guest shuts down right after its result line; let it, so that whatever it
+            # (or the shim) prints on the way out reaches the log before we destroy it.
+            i=0
+            while [ $i -lt 10 ]; do
+                domstate "$DOM"
+                case "$STATE" in *s*|*c*|gone) break ;; esac
+                sleep 0.1
+                i=$((i + 1))
+            done ;;
+    esac
+    xl destroy "$DOM" > /dev/null 2>&1 < /dev/null
+    end_reader
+    secs $((t1 - t0))
+    echo "@@job $NAME $verdict $SECS"
+}
+
+now
+secs $NOW
+echo "@@ready $SECS"
+while read -r idx dom tmo name <&3; do
+    run_job "$idx" "$dom" "$tmo" "$name"
+done 3< /jobs/list
+echo "@@done"
+poweroff -f
+sleep 1000
