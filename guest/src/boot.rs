@@ -127,7 +127,7 @@ pub fn print_backtrace(mut rbp: u64) {
     let stack_lo = &raw const BOOT_STACK as u64;
     let stack_hi = stack_lo + BOOT_STACK_SIZE as u64;
     for _ in 0..32 {
-        if rbp < stack_lo || rbp + 16 > stack_hi || rbp % 8 != 0 {
+        if rbp < stack_lo || rbp + 16 > stack_hi || !rbp.is_multiple_of(8) {
             break;
         }
         // SAFETY: rbp points into our stack (checked above): [rbp] = caller's rbp,

@@ -89,7 +89,7 @@ pub fn validate_start_info(
     let mapped_end = VIRT_BASE + nr_pages * PAGE_SIZE;
     let in_domain =
         |va: u64, len: u64| va >= VIRT_BASE && va.checked_add(len).is_some_and(|e| e <= mapped_end);
-    if si.pt_base % PAGE_SIZE != 0 || !in_domain(si.pt_base, PAGE_SIZE) {
+    if !si.pt_base.is_multiple_of(PAGE_SIZE) || !in_domain(si.pt_base, PAGE_SIZE) {
         return Err(StartInfoError(
             "pt_base is not a page of the boot mapping",
             si.pt_base,
@@ -101,7 +101,7 @@ pub fn validate_start_info(
             si.nr_pt_frames,
         ));
     }
-    if si.mfn_list % 8 != 0 || !in_domain(si.mfn_list, nr_pages * 8) {
+    if !si.mfn_list.is_multiple_of(8) || !in_domain(si.mfn_list, nr_pages * 8) {
         return Err(StartInfoError(
             "mfn_list (P2M) is not inside the boot mapping",
             si.mfn_list,

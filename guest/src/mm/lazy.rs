@@ -205,55 +205,62 @@ impl fmt::Display for Rejected {
     }
 }
 
-/// How many rejected requests a flush error lists in full (the count covers all).
+/// How many rejected requests of one flush are kept for [`LazyMmu::last_rejections`] (the
+/// count covers all).
 pub const MAX_REPORTED: usize = 8;
 
 /// A flush in which Xen refused some requests. Every other request of the batch took effect
-/// (the ones after a refused `mmu_update` request were resubmitted).
+/// (the ones after a refused `mmu_update` request were resubmitted). The error carries the
+/// first refusal; [`LazyMmu::last_rejections`] lists up to [`MAX_REPORTED`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlushFailure {
     pub reason: FlushReason,
     pub count: u32,
-    pub rejected: [Option<Rejected>; MAX_REPORTED],
-}
-
-impl FlushFailure {
-    fn new(reason: FlushReason) -> Self {
-        FlushFailure {
-            reason,
-            count: 0,
-            rejected: [None; MAX_REPORTED],
-        }
-    }
-
-    fn push(&mut self, r: Rejected) {
-        if let Some(slot) = self.rejected.get_mut(self.count as usize) {
-            *slot = Some(r);
-        }
-        self.count += 1;
-    }
-
-    /// The listed rejected requests.
-    pub fn iter(&self) -> impl Iterator<Item = &Rejected> {
-        self.rejected.iter().flatten()
-    }
+    pub first: Rejected,
 }
 
 impl fmt::Display for FlushFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} request(s) rejected in a {} flush",
+            "{} request(s) rejected in a {} flush; first: {}",
             self.count,
-            self.reason.name()
-        )?;
-        for r in self.iter() {
-            write!(f, "\n    {r}")?;
+            self.reason.name(),
+            self.first
+        )
+    }
+}
+
+/// The refusals collected during one flush.
+#[derive(Clone, Copy)]
+struct Rejections {
+    list: [Option<Rejected>; MAX_REPORTED],
+    count: u32,
+}
+
+impl Rejections {
+    const NONE: Rejections = Rejections {
+        list: [None; MAX_REPORTED],
+        count: 0,
+    };
+
+    fn push(&mut self, r: Rejected) {
+        if let Some(slot) = self.list.get_mut(self.count as usize) {
+            *slot = Some(r);
         }
-        if self.count as usize > MAX_REPORTED {
-            write!(f, "\n    ... {} more", self.count as usize - MAX_REPORTED)?;
-        }
-        Ok(())
+        self.count += 1;
+    }
+
+    fn first(&self) -> Option<Rejected> {
+        self.list[0]
+    }
+
+    fn as_failure(&self, reason: FlushReason) -> Option<FlushFailure> {
+        self.first().map(|first| FlushFailure {
+            reason,
+            count: self.count,
+            first,
+        })
     }
 }
 
@@ -481,6 +488,7 @@ pub struct LazyMmu<
     strict: bool,
     queue: Queue<E, R>,
     counters: Counters,
+    last_rejections: Rejections,
 }
 
 impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
@@ -500,6 +508,7 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
                 flushes: [0; 6],
                 rejected: 0,
             },
+            last_rejections: Rejections::NONE,
         }
     }
 
@@ -539,6 +548,12 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
 
     pub fn hypervisor_mut(&mut self) -> &mut H {
         &mut self.hv
+    }
+
+    /// The requests Xen refused in the last flush or immediate update that had refusals (up to
+    /// [`MAX_REPORTED`]; the error's count says how many there were).
+    pub fn last_rejections(&self) -> impl Iterator<Item = &Rejected> {
+        self.last_rejections.list.iter().flatten()
     }
 
     /// Queued entries (for tests).
@@ -675,16 +690,23 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
 
     /// Outside lazy mode: one hypercall for one operation.
     fn issue_now(&mut self, entry: Entry, reqs: &[MmuUpdate], va: u64) -> Result<(), MmuError> {
-        let mut failure = FlushFailure::new(FlushReason::Explicit);
+        let mut failure = Rejections::NONE;
         let mut issuer = Issuer {
             hv: &mut self.hv,
             counters: &mut self.counters,
         };
         issuer.issue_entry(0, entry, reqs, &[va], &mut failure);
-        self.counters.rejected += failure.count as u64;
-        match failure.iter().next() {
-            Some(r) => Err(MmuError::Immediate(*r)),
+        self.record(&failure);
+        match failure.first() {
+            Some(r) => Err(MmuError::Immediate(r)),
             None => Ok(()),
+        }
+    }
+
+    fn record(&mut self, failure: &Rejections) {
+        self.counters.rejected += failure.count as u64;
+        if failure.count > 0 {
+            self.last_rejections = *failure;
         }
     }
 
@@ -695,7 +717,7 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
             return Ok(());
         }
         self.counters.flushes[reason as usize] += 1;
-        let mut failure = FlushFailure::new(reason);
+        let mut failure = Rejections::NONE;
         let mut rejected_multicall = None;
         let queue = &self.queue;
         let mut issuer = Issuer {
@@ -725,11 +747,11 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
             }
         }
         self.queue.clear();
-        self.counters.rejected += failure.count as u64;
-        match (rejected_multicall, failure.count) {
-            (Some(e), 0) => Err(MmuError::MulticallRejected(e)),
-            (_, 0) => Ok(()),
-            _ => Err(MmuError::Flush(failure)),
+        self.record(&failure);
+        match (failure.as_failure(reason), rejected_multicall) {
+            (Some(f), _) => Err(MmuError::Flush(f)),
+            (None, Some(e)) => Err(MmuError::MulticallRejected(e)),
+            (None, None) => Ok(()),
         }
     }
 }
@@ -760,7 +782,7 @@ impl<H: Hypervisor> Issuer<'_, H> {
         reqs: &[MmuUpdate],
         vas: &[u64],
         outcomes: &[EntryOutcome],
-        failure: &mut FlushFailure,
+        failure: &mut Rejections,
     ) {
         for (i, (entry, outcome)) in entries.iter().zip(outcomes).enumerate() {
             if outcome.result >= 0 {
@@ -796,7 +818,7 @@ impl<H: Hypervisor> Issuer<'_, H> {
         entry: Entry,
         reqs: &[MmuUpdate],
         vas: &[u64],
-        failure: &mut FlushFailure,
+        failure: &mut Rejections,
     ) {
         match entry {
             Entry::MmuUpdate { first, count } => {
@@ -828,7 +850,7 @@ impl<H: Hypervisor> Issuer<'_, H> {
         reqs: &[MmuUpdate],
         vas: &[u64],
         mut from: usize,
-        failure: &mut FlushFailure,
+        failure: &mut Rejections,
     ) {
         while from < reqs.len() {
             self.counters.hypercalls += 1;
@@ -882,10 +904,10 @@ pub fn check_set_ptes(addr: u64, ptep: u64, nr: u64) -> Result<(), SetPtesRule> 
     if nr == 0 {
         return Err(SetPtesRule::ZeroCount);
     }
-    if addr % PAGE_SIZE != 0 {
+    if !addr.is_multiple_of(PAGE_SIZE) {
         return Err(SetPtesRule::UnalignedAddress { addr });
     }
-    if ptep % 8 != 0 {
+    if !ptep.is_multiple_of(8) {
         return Err(SetPtesRule::UnalignedPtep { ptep });
     }
     let ptep_index = (ptep % PAGE_SIZE) / 8;

@@ -110,7 +110,7 @@ pub fn map_fresh(
     for i in 0..pages {
         let page_va = va + i * xen::PAGE_SIZE;
         let ptep = match l1 {
-            Some(p) if index(page_va, 1) != 0 => p.add(1),
+            Some(p) if index(page_va, 1) != 0 => p.offset(1),
             _ => ensure_l1(page_va)?,
         };
         l1 = Some(ptep);

@@ -96,7 +96,7 @@ pub struct PtePtr(pub u64);
 
 impl PtePtr {
     /// The entry `n` slots further on.
-    pub fn add(self, n: u64) -> PtePtr {
+    pub fn offset(self, n: u64) -> PtePtr {
         PtePtr(self.0 + 8 * n)
     }
 
