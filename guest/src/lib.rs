@@ -17,6 +17,8 @@ pub mod stress;
 #[macro_use]
 pub mod console;
 #[cfg(target_os = "none")]
+pub mod bench;
+#[cfg(target_os = "none")]
 pub mod boot;
 #[cfg(target_os = "none")]
 pub mod heap;

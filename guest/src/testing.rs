@@ -100,6 +100,9 @@ pub fn run_from_cmdline(line: &str) -> Verdict {
         }
         return Verdict::Success;
     }
+    if options.bench {
+        return crate::bench::run(&options);
+    }
     let selected: Vec<&TestCase> = match &options.tests {
         None => registry.iter().filter(|t| !t.crashes).collect(),
         Some(names) => {

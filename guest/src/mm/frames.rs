@@ -102,51 +102,78 @@ pub fn stats() -> FrameStats {
     }
 }
 
-/// A zeroed frame, mapped read-write in the linear map.
-pub fn alloc_zeroed() -> Result<Frame, MmError> {
-    let growth = {
-        let mut f = FRAMES.lock();
-        let spare = f.mapped_end_pfn - f.next_pfn;
-        if f.free_head == 0 && spare <= RESERVE && !f.growing && f.mapped_end_pfn < f.nr_pages {
+/// Grow the linear map (a table at a time) until at least `wanted` never-used frames beyond the
+/// reserve are mapped, or the domain's memory ends. Growth itself takes its page tables from
+/// the reserve.
+fn ensure_spare(wanted: u64) -> Result<(), MmError> {
+    loop {
+        let growth = {
+            let mut f = FRAMES.lock();
+            let spare = f.mapped_end_pfn - f.next_pfn;
+            if spare >= wanted + RESERVE || f.growing || f.mapped_end_pfn >= f.nr_pages {
+                return Ok(());
+            }
             f.growing = true;
             let start = f.mapped_end_pfn;
             let table_end = (start / 512 + 1) * 512;
-            Some((start, table_end.min(f.nr_pages)))
-        } else {
-            None
-        }
-    };
-    if let Some((start, end)) = growth {
-        let grown = grow_linear_map(start, end);
+            (start, table_end.min(f.nr_pages))
+        };
+        let grown = grow_linear_map(growth.0, growth.1);
         let mut f = FRAMES.lock();
         f.growing = false;
-        if grown.is_ok() {
-            f.mapped_end_pfn = end;
-        }
         grown?;
+        f.mapped_end_pfn = growth.1;
     }
-    let pfn = {
+}
+
+fn zeroed(pfn: u64) -> Frame {
+    let frame = Frame::from_pfn(pfn);
+    // SAFETY: the frame is ours alone and mapped read-write in the linear map.
+    unsafe { core::ptr::write_bytes(frame.va() as *mut u8, 0, PAGE_SIZE as usize) };
+    frame
+}
+
+/// A zeroed frame, mapped read-write in the linear map.
+pub fn alloc_zeroed() -> Result<Frame, MmError> {
+    if FRAMES.lock().free_head == 0 {
+        ensure_spare(1)?;
+    }
+    let mut f = FRAMES.lock();
+    let pfn = if f.free_head != 0 {
+        let pfn = f.free_head - 1;
+        // SAFETY: a listed frame is ours, mapped read-write, and holds the link in word 0.
+        f.free_head = unsafe { core::ptr::read(xen::pfn_to_va(pfn) as *const u64) };
+        f.free_count -= 1;
+        pfn
+    } else if f.next_pfn < f.mapped_end_pfn {
+        f.next_pfn += 1;
+        f.next_pfn - 1
+    } else {
+        return Err(MmError::OutOfMemory {
+            nr_pages: f.nr_pages,
+        });
+    };
+    f.allocated += 1;
+    drop(f);
+    Ok(zeroed(pfn))
+}
+
+/// `n` zeroed frames with consecutive pseudo-physical numbers (what `set_ptes` advances over),
+/// mapped read-write in the linear map.
+pub fn alloc_run(n: u64) -> Result<alloc::vec::Vec<Frame>, MmError> {
+    ensure_spare(n)?;
+    let first = {
         let mut f = FRAMES.lock();
-        if f.free_head != 0 {
-            let pfn = f.free_head - 1;
-            // SAFETY: a listed frame is ours, mapped read-write, and holds the link in word 0.
-            f.free_head = unsafe { core::ptr::read(xen::pfn_to_va(pfn) as *const u64) };
-            f.free_count -= 1;
-            pfn
-        } else if f.next_pfn < f.mapped_end_pfn {
-            f.next_pfn += 1;
-            f.next_pfn - 1
-        } else {
+        if f.mapped_end_pfn - f.next_pfn < n {
             return Err(MmError::OutOfMemory {
                 nr_pages: f.nr_pages,
             });
         }
+        f.next_pfn += n;
+        f.allocated += n;
+        f.next_pfn - n
     };
-    FRAMES.lock().allocated += 1;
-    let frame = Frame::from_pfn(pfn);
-    // SAFETY: the frame is ours alone and mapped read-write in the linear map.
-    unsafe { core::ptr::write_bytes(frame.va() as *mut u8, 0, PAGE_SIZE as usize) };
-    Ok(frame)
+    Ok((first..first + n).map(zeroed).collect())
 }
 
 /// Give a frame back. It must be mapped read-write in the linear map (not a page table) and
