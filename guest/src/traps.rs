@@ -284,7 +284,7 @@ fn report(f: &TrapFrame, address: u64) {
         ));
     }
     p(format_args!(
-        "    rax {:016x} rbx {:016x} rcx {:016x} rdx {:016x}\n    rsi {:016x} rdi {:016x} rbp {:016x} rsp {:016x}\n    r8  {:016x} r9  {:016x} r10 {:016x} r11 {:016x}\n    r12 {:016x} r13 {:016x} r14 {:016x} r15 {:016x}\n    cs {:04x} ss {:04x} rflags {:08x}\n",
+        "    rax {:016x} rbx {:016x} rcx {:016x} rdx {:016x}\n    rsi {:016x} rdi {:016x} rbp {:016x} rsp {:016x}\n    r8  {:016x} r9  {:016x} r10 {:016x} r11 {:016x}\n    r12 {:016x} r13 {:016x} r14 {:016x} r15 {:016x}\n    cs {:04x} ss {:04x} rflags {:08x} (saved event mask {})\n",
         f.rax,
         f.rbx,
         f.rcx,
@@ -301,9 +301,11 @@ fn report(f: &TrapFrame, address: u64) {
         f.r13,
         f.r14,
         f.r15,
-        f.cs,
-        f.ss,
-        f.rflags
+        f.cs & 0xffff,
+        f.ss & 0xffff,
+        f.rflags,
+        // Xen keeps the event mask it saved at delivery in bits 32-39 of the CS slot.
+        (f.cs >> 32) & 0xff
     ));
     crate::boot::print_backtrace(f.rbp);
 }

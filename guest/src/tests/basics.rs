@@ -159,3 +159,15 @@ pub fn page_fault(_: &Context) -> TestOutcome {
     );
     Ok(())
 }
+
+/// Deliberate crash: `invlpg` is privileged and a 64-bit PV kernel runs in ring 3, so it raises
+/// #GP; the trap handler must report it (vector, error code, rip, registers) and crash the
+/// domain, never fault silently. Run by name only.
+pub fn bug_privileged_instruction(_: &Context) -> TestOutcome {
+    let va = xen::boot_info().start_info_va;
+    // SAFETY: in ring 3 `invlpg` cannot flush anything; it raises #GP, which ends the domain.
+    unsafe { core::arch::asm!("invlpg [{}]", in(reg) va, options(nostack)) };
+    Err(crate::testing::failed(
+        "invlpg did not fault in a PV kernel",
+    ))
+}

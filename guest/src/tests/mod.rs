@@ -82,6 +82,12 @@ pub static TESTS: &[TestCase] = &[
         lazy_mmu::api_misuse,
     ),
     TestCase {
+        name: "bug_privileged_instruction",
+        about: "invlpg in a ring-3 PV kernel raises #GP and is reported",
+        run: basics::bug_privileged_instruction,
+        crashes: true,
+    },
+    TestCase {
         name: "bug_unbalanced_leave",
         about: "an unbalanced leave through the kernel API is a BUG",
         run: lazy_mmu::bug_unbalanced_leave,
