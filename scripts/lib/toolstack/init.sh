@@ -54,19 +54,28 @@ domstate() {
 }
 
 # Prefixes console lines, counts them (for the quiet timeout) and records the first result line.
+# The shim's console turns each "\n" into "\n\r", so its lines start with "\r" and its output
+# ends in a lone "\r": strip the former, and print a lone "\r" as an empty line only once
+# another line follows.
 PREFIX_AWK='
-{
-    sub(/\r$/, "")
-    print p $0
+function out(line) {
+    print p line
     fflush()
     n++
     print n > nf
     close(nf)
-    if (v == "" && match($0, /Test result: (SUCCESS|FAILURE|ERROR|SKIP)/)) {
-        v = substr($0, RSTART + 13, RLENGTH - 13)
+    if (v == "" && match(line, /Test result: (SUCCESS|FAILURE|ERROR|SKIP)/)) {
+        v = substr(line, RSTART + 13, RLENGTH - 13)
         print v > vf
         close(vf)
     }
+}
+{
+    if (held) { out(""); held = 0 }
+    if ($0 == "\r") { held = 1; next }
+    sub(/^\r/, "")
+    sub(/\r$/, "")
+    out($0)
 }'
 
 # The console reader ends when xenconsoled closes the log (after the domain is destroyed); if the
