@@ -134,7 +134,7 @@ run_job() {
         fi
         if [ -n "$ended" ]; then
             # Stopped without a result line: give the console a moment to drain first.
-            if [ $((NOW - ended)) -ge 100 ]; then
+            if [ $((NOW - ended)) -ge 60 ]; then
                 echo "[$NAME] (domain stopped without a result line; xl state: $STATE)"
                 verdict=CRASH
                 NOW=$ended
