@@ -49,7 +49,7 @@ secs() {
 
 # The domain's state column from `xl list` (e.g. "-b----", "---s--", "---sc-"), or "gone".
 domstate() {
-    set -- $(xl list "$1" 2>/dev/null | tail -n 1)
+    set -- $(timeout 20 xl list "$1" 2>/dev/null | tail -n 1)
     if [ "$1" = "$DOM" ]; then STATE=$5; else STATE=gone; fi
 }
 
@@ -106,11 +106,12 @@ run_job() {
     echo "@@start $NAME"
     now
     t0=$NOW
-    if ! xl create "/jobs/$IDX.cfg" > /tmp/create.$IDX 2>&1 < /dev/null; then
+    # The timeouts only guard against a wedged toolstack; none is near them normally.
+    if ! timeout 60 xl create "/jobs/$IDX.cfg" > /tmp/create.$IDX 2>&1 < /dev/null; then
         now
         while read -r line; do echo "[$NAME] xl create: $line"; done < /tmp/create.$IDX
         # xl may fail after the domain exists (and even runs): never leave it behind.
-        xl destroy "$DOM" > /dev/null 2>&1 < /dev/null
+        timeout 30 xl destroy "$DOM" > /dev/null 2>&1 < /dev/null
         end_reader
         secs $((NOW - t0))
         echo "@@job $NAME CRASH $SECS"
@@ -168,7 +169,7 @@ run_job() {
                 i=$((i + 1))
             done ;;
     esac
-    xl destroy "$DOM" > /dev/null 2>&1 < /dev/null
+    timeout 30 xl destroy "$DOM" > /dev/null 2>&1 < /dev/null
     end_reader
     secs $((t1 - t0))
     echo "@@job $NAME $verdict $SECS"
