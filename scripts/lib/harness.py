@@ -165,3 +165,14 @@ def dom0_args(xen, guest, guest_cmdline="", memory_mb=512, dom0_mem_mb=96, xen_e
     return (["qemu-system-x86_64", *accel_args(), "-m", str(memory_mb), "-smp", "1",
              "-display", "none", "-nodefaults", "-no-reboot", "-serial", "stdio",
              "-kernel", str(xen), "-append", xen_cmdline, "-initrd", module])
+
+
+def kvm_xen_args(shim, guest, guest_cmdline="", memory_mb=512):
+    """qemu arguments for qemu's own Xen emulation (KVM_CAP_XEN_HVM, QEMU >= 8.2): the PV shim is
+    the kernel, the guest its module, the console a Xen console device (the shim has no serial).
+    Only usable where `toolstack.kvm_xen_probe()` says so."""
+    return ["qemu-system-x86_64", "-accel", "kvm,xen-version=0x40011,kernel-irqchip=split",
+            "-cpu", "host", "-m", str(memory_mb), "-display", "none", "-nodefaults",
+            "-no-reboot", "-chardev", "stdio,id=c0", "-device", "xen-console,chardev=c0",
+            "-kernel", str(shim), "-initrd", str(guest),
+            "-append", f"pv-shim console=xen,pv -- {guest_cmdline}".strip()]

@@ -26,7 +26,7 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -98,6 +98,8 @@ class JobResult:
     verdict: str       # SUCCESS FAILURE ERROR SKIP CRASH TIMEOUT
     seconds: float
     tail: str
+    since_qemu_start: float = 0.0  # wall time from qemu's start to this job's result
+    output: list = field(default_factory=list)  # every console line of the job
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,7 +469,9 @@ def run_jobs(jobs, timeout=120, echo=True, verbose=None):
                         seconds = float(secs)
                     except ValueError:
                         seconds = time.monotonic() - (state["started"] or time.monotonic())
-                    results[name] = JobResult(verdict, seconds, _tail(lines_of[name]))
+                    results[name] = JobResult(verdict, seconds, _tail(lines_of[name]),
+                                              time.monotonic() - state["qemu_start"],
+                                              lines_of[name])
                     state["current"] = None
                     if echo:
                         print(f"@@job {name} {verdict} {seconds:.1f}", flush=True)
@@ -498,6 +502,7 @@ def run_jobs(jobs, timeout=120, echo=True, verbose=None):
         return None
 
     total = BOOT_ALLOWANCE + sum((j.timeout or timeout) + 20 for j in jobs)
+    state["qemu_start"] = time.monotonic()
     try:
         out = run_qemu(qemu_args(paths, initrd), timeout=total, echo=False, done_re=None,
                        crash_res=[], grace=0.0, on_line=on_line)
@@ -513,7 +518,7 @@ def run_jobs(jobs, timeout=120, echo=True, verbose=None):
             if n not in results:
                 own = _tail(lines_of[n])
                 tail = (own + "\n" if own else "") + f"-- serial ({out.verdict}) --\n{serial_tail}"
-                results[n] = JobResult(why, 0.0, tail)
+                results[n] = JobResult(why, 0.0, tail, output=lines_of[n])
         if echo and not verbose:
             print(f"-- qemu ended {out.verdict} after {out.seconds:.1f} s; serial tail --\n"
                   f"{serial_tail}", flush=True)
