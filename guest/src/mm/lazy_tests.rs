@@ -1,1 +1,1158 @@
 //! Host tests of the lazy-MMU core against the model.
+
+use hypercalls::XenError;
+use hypercalls::abi::{
+    MMUEXT_INVLPG_LOCAL, MMUEXT_PIN_L1_TABLE, MMUEXT_TLB_FLUSH_LOCAL, MmuextOp, UVMF_INVLPG,
+    mmuext_mfn, mmuext_plain, mmuext_va,
+};
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+
+use super::lazy::{
+    DEFAULT_ENTRIES, DEFAULT_REQUESTS, Entry, FlushReason, Hypervisor, LINUX_ENTRIES,
+    LINUX_REQUESTS, LazyMmu, MmuError, Rejected, SetPtesRule,
+};
+use super::model::{Call, FrameInfo, Model, PageType, RW, Space};
+use crate::stress::{self, Layout, Observer, Op, Shadow};
+
+type Lazy<const E: usize, const R: usize> = LazyMmu<Model, E, R>;
+
+/// A model with `tables` empty L1 tables and `data` data frames, and a lazy-MMU state over it.
+fn setup<const E: usize, const R: usize>(tables: usize, data: usize) -> (Lazy<E, R>, Space) {
+    let mut model = Model::new();
+    let space = model.build_space(tables, data);
+    (LazyMmu::new(model), space)
+}
+
+fn std_setup() -> (Lazy<DEFAULT_ENTRIES, DEFAULT_REQUESTS>, Space) {
+    setup(2, 32)
+}
+
+fn set<const E: usize, const R: usize>(
+    l: &mut Lazy<E, R>,
+    s: &Space,
+    slot: usize,
+    frame: usize,
+) -> Result<(), MmuError> {
+    l.set_pte(s.pte_ptr(slot), s.pte_value(frame), s.va(slot))
+}
+
+/// The live entry of `slot`, straight from the model.
+fn live<const E: usize, const R: usize>(l: &Lazy<E, R>, s: &Space, slot: usize) -> u64 {
+    l.hypervisor().read_pte(s.pte_ptr(slot))
+}
+
+/// Hypercalls logged so far (a multicall counts once).
+fn calls<const E: usize, const R: usize>(l: &Lazy<E, R>) -> usize {
+    l.hypervisor().log.len()
+}
+
+fn last_call<const E: usize, const R: usize>(l: &Lazy<E, R>) -> &Call {
+    l.hypervisor().log.last().expect("a hypercall")
+}
+
+fn invlpg(va: u64) -> MmuextOp {
+    mmuext_va(MMUEXT_INVLPG_LOCAL, va)
+}
+
+fn tlb_flush() -> MmuextOp {
+    mmuext_plain(MMUEXT_TLB_FLUSH_LOCAL)
+}
+
+/// A fresh frame pinned as an L1 table (outside the lazy layer, as set-up).
+fn pinned_l1<const E: usize, const R: usize>(l: &mut Lazy<E, R>) -> u64 {
+    let hv = l.hypervisor_mut();
+    let t = hv.alloc();
+    hypercall_ok(hv.mmuext_op(&[mmuext_mfn(MMUEXT_PIN_L1_TABLE, t)]));
+    hv.reset_stats();
+    t
+}
+
+fn hypercall_ok<T, E: core::fmt::Debug>(r: Result<T, E>) -> T {
+    r.expect("set-up hypercall")
+}
+
+fn mmu_call(reqs: usize) -> impl Fn(&Call) -> bool {
+    move |c| matches!(c, Call::MmuUpdate { reqs: r, result: 0, .. } if r.len() == reqs)
+}
+
+// ---- The state machine ----
+
+#[test]
+fn outermost_enter_batches_and_outermost_leave_flushes() {
+    let (mut l, s) = std_setup();
+    assert!(!l.is_active());
+    l.enter().unwrap();
+    assert!(l.is_active());
+    assert_eq!(l.depth(), 1);
+    set(&mut l, &s, 0, 0).unwrap();
+    set(&mut l, &s, 1, 1).unwrap();
+    assert_eq!(calls(&l), 0, "writes in a lazy section are queued");
+    assert_eq!(live(&l, &s, 0), 0);
+    l.leave().unwrap();
+    assert!(!l.is_active());
+    assert_eq!(l.depth(), 0);
+    assert_eq!(calls(&l), 1);
+    assert_eq!(live(&l, &s, 0), s.pte_value(0));
+    assert_eq!(live(&l, &s, 1), s.pte_value(1));
+    assert_eq!(l.counters().flushes_for(FlushReason::Leave), 1);
+    assert_eq!(l.queued_entries(), 0);
+    // Outside lazy mode every write is its own hypercall.
+    set(&mut l, &s, 2, 2).unwrap();
+    assert_eq!(calls(&l), 2);
+    assert_eq!(live(&l, &s, 2), s.pte_value(2));
+}
+
+#[test]
+fn nested_leave_flushes_and_stays_lazy() {
+    let (mut l, s) = std_setup();
+    l.enter().unwrap();
+    set(&mut l, &s, 0, 0).unwrap();
+    l.enter().unwrap();
+    assert_eq!(l.depth(), 2);
+    set(&mut l, &s, 1, 1).unwrap();
+    assert_eq!(calls(&l), 0, "a nested enter does not flush");
+    l.leave().unwrap();
+    assert_eq!(calls(&l), 1, "a nested leave flushes");
+    assert!(l.is_active());
+    assert_eq!(l.depth(), 1);
+    assert_eq!(live(&l, &s, 0), s.pte_value(0));
+    assert_eq!(live(&l, &s, 1), s.pte_value(1));
+    assert_eq!(l.counters().flushes_for(FlushReason::NestedLeave), 1);
+    set(&mut l, &s, 2, 2).unwrap();
+    assert_eq!(calls(&l), 1, "still batching after the nested leave");
+    l.leave().unwrap();
+    assert_eq!(calls(&l), 2);
+    assert_eq!(l.counters().flushes_for(FlushReason::Leave), 1);
+    assert!(!l.is_active());
+}
+
+#[test]
+fn pause_flushes_and_resume_batches_again_at_the_same_depth() {
+    let (mut l, s) = std_setup();
+    l.enter().unwrap();
+    l.enter().unwrap();
+    set(&mut l, &s, 0, 0).unwrap();
+    l.pause().unwrap();
+    assert_eq!(calls(&l), 1, "pause flushes");
+    assert_eq!(l.counters().flushes_for(FlushReason::Pause), 1);
+    assert!(l.is_paused() && !l.is_active());
+    assert_eq!(live(&l, &s, 0), s.pte_value(0));
+    set(&mut l, &s, 1, 1).unwrap();
+    assert_eq!(calls(&l), 2, "paused writes are issued at once");
+    assert_eq!(live(&l, &s, 1), s.pte_value(1));
+    l.resume().unwrap();
+    assert!(l.is_active() && !l.is_paused());
+    assert_eq!(l.depth(), 2);
+    set(&mut l, &s, 2, 2).unwrap();
+    assert_eq!(calls(&l), 2, "batching again after resume");
+    l.leave().unwrap();
+    l.leave().unwrap();
+    assert_eq!(calls(&l), 3);
+    assert_eq!(live(&l, &s, 2), s.pte_value(2));
+}
+
+#[test]
+fn pauses_nest_and_only_the_first_flushes() {
+    let (mut l, s) = std_setup();
+    l.enter().unwrap();
+    set(&mut l, &s, 0, 0).unwrap();
+    l.pause().unwrap();
+    l.pause().unwrap();
+    assert_eq!(l.counters().flushes_for(FlushReason::Pause), 1);
+    l.resume().unwrap();
+    assert!(l.is_paused() && !l.is_active(), "one resume of two pauses");
+    set(&mut l, &s, 1, 1).unwrap();
+    assert_eq!(calls(&l), 2, "still paused: issued at once");
+    l.resume().unwrap();
+    assert!(l.is_active());
+    l.leave().unwrap();
+}
+
+#[test]
+fn enter_and_leave_are_ignored_while_paused() {
+    let (mut l, s) = std_setup();
+    l.enter().unwrap();
+    l.pause().unwrap();
+    l.enter().unwrap();
+    l.enter().unwrap();
+    assert_eq!(l.depth(), 1);
+    set(&mut l, &s, 0, 0).unwrap();
+    assert_eq!(calls(&l), 1, "entering while paused does not batch");
+    l.leave().unwrap();
+    l.leave().unwrap();
+    l.leave().unwrap();
+    assert_eq!(l.depth(), 1, "leaving while paused does not count");
+    l.resume().unwrap();
+    assert!(l.is_active());
+    l.leave().unwrap();
+    assert!(!l.is_active());
+    assert_eq!(l.depth(), 0);
+
+    // A pause outside lazy mode: nothing to flush, and enter/leave inside it are ignored too.
+    l.pause().unwrap();
+    l.enter().unwrap();
+    assert!(!l.is_active());
+    assert_eq!(l.depth(), 0);
+    l.leave().unwrap();
+    l.resume().unwrap();
+    assert!(!l.is_active());
+    assert_eq!(l.counters().flushes_for(FlushReason::Pause), 0);
+}
+
+#[test]
+fn unbalanced_leave_and_resume_are_errors_and_change_nothing() {
+    let (mut l, _) = std_setup();
+    assert_eq!(l.leave(), Err(MmuError::UnbalancedLeave));
+    assert_eq!(l.resume(), Err(MmuError::UnbalancedResume));
+    assert_eq!(l.depth(), 0);
+    assert!(!l.is_paused());
+    l.enter().unwrap();
+    l.leave().unwrap();
+    assert_eq!(l.leave(), Err(MmuError::UnbalancedLeave));
+    l.pause().unwrap();
+    l.resume().unwrap();
+    assert_eq!(l.resume(), Err(MmuError::UnbalancedResume));
+    assert!(!l.is_active() && !l.is_paused());
+    assert_eq!(calls(&l), 0);
+}
+
+#[test]
+fn strict_mode_refuses_a_nested_enter() {
+    let (mut l, s) = std_setup();
+    l.set_strict(true);
+    assert!(l.is_strict());
+    l.enter().unwrap();
+    set(&mut l, &s, 0, 0).unwrap();
+    assert_eq!(l.enter(), Err(MmuError::NestedEnter { depth: 1 }));
+    assert_eq!(l.depth(), 1);
+    // set_ptes() enters lazy mode itself, so inside a section it hits the same error, before
+    // queueing anything.
+    let r = l.set_ptes(s.va(8), s.pte_ptr(8), 2, |i| s.pte_value(1 + i as usize));
+    assert_eq!(r, Err(MmuError::NestedEnter { depth: 1 }));
+    assert_eq!(l.queued_requests(), 1);
+    l.leave().unwrap();
+    assert_eq!(live(&l, &s, 0), s.pte_value(0));
+    assert_eq!(live(&l, &s, 8), 0);
+    // Outside a section set_ptes() is fine in strict mode, and the default is not strict.
+    l.set_ptes(s.va(8), s.pte_ptr(8), 2, |i| s.pte_value(1 + i as usize))
+        .unwrap();
+    assert_eq!(live(&l, &s, 9), s.pte_value(2));
+    l.set_strict(false);
+    l.enter().unwrap();
+    l.enter().unwrap();
+    assert_eq!(l.depth(), 2);
+}
+
+#[test]
+fn is_active_follows_every_transition() {
+    let (mut l, _) = std_setup();
+    type Step = fn(&mut Lazy<DEFAULT_ENTRIES, DEFAULT_REQUESTS>) -> Result<(), MmuError>;
+    let steps: [(&str, Step, bool, u32, bool); 10] = [
+        ("enter", |l| l.enter(), true, 1, false),
+        ("enter", |l| l.enter(), true, 2, false),
+        ("pause", |l| l.pause(), false, 2, true),
+        ("enter", |l| l.enter(), false, 2, true),
+        ("pause", |l| l.pause(), false, 2, true),
+        ("resume", |l| l.resume(), false, 2, true),
+        ("resume", |l| l.resume(), true, 2, false),
+        ("leave", |l| l.leave(), true, 1, false),
+        ("flush", |l| l.flush(), true, 1, false),
+        ("leave", |l| l.leave(), false, 0, false),
+    ];
+    for (i, (name, step, active, depth, paused)) in steps.into_iter().enumerate() {
+        step(&mut l).unwrap();
+        assert_eq!(
+            (l.is_active(), l.depth(), l.is_paused()),
+            (active, depth, paused),
+            "after step {i} ({name})"
+        );
+    }
+}
+
+// ---- Coalescing and flushing ----
+
+#[test]
+fn consecutive_writes_coalesce_into_one_entry_and_one_hypercall() {
+    let (mut l, s) = std_setup();
+    l.enter().unwrap();
+    for slot in 0..10 {
+        set(&mut l, &s, slot * 3, slot).unwrap();
+    }
+    assert_eq!((l.queued_entries(), l.queued_requests()), (1, 10));
+    l.leave().unwrap();
+    assert_eq!(calls(&l), 1);
+    assert!(
+        mmu_call(10)(last_call(&l)),
+        "one plain mmu_update: {:?}",
+        last_call(&l)
+    );
+    let c = l.counters();
+    assert_eq!((c.hypercalls, c.multicalls, c.requests), (1, 0, 10));
+}
+
+#[test]
+fn an_mmuext_between_writes_splits_them_into_separate_entries() {
+    let (mut l, s) = std_setup();
+    l.enter().unwrap();
+    set(&mut l, &s, 0, 0).unwrap();
+    set(&mut l, &s, 1, 1).unwrap();
+    l.mmuext(invlpg(s.va(1))).unwrap();
+    set(&mut l, &s, 2, 2).unwrap();
+    l.mmuext(tlb_flush()).unwrap();
+    l.mmuext(tlb_flush()).unwrap();
+    set(&mut l, &s, 3, 3).unwrap();
+    assert_eq!((l.queued_entries(), l.queued_requests()), (6, 4));
+    assert_eq!(calls(&l), 0);
+    l.leave().unwrap();
+    assert_eq!(calls(&l), 1);
+    let Call::Multicall {
+        calls: inner,
+        result: 0,
+    } = last_call(&l)
+    else {
+        panic!("expected one multicall: {:?}", last_call(&l));
+    };
+    let shape: Vec<&str> = inner
+        .iter()
+        .map(|c| match c {
+            Call::MmuUpdate { reqs, .. } if reqs.len() == 2 => "mmu2",
+            Call::MmuUpdate { reqs, .. } if reqs.len() == 1 => "mmu1",
+            Call::MmuextOp { .. } => "ext",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(shape, ["mmu2", "ext", "mmu1", "ext", "ext", "mmu1"]);
+    assert!(inner.iter().all(|c| c.result() == 0));
+    for slot in 0..4 {
+        assert_eq!(live(&l, &s, slot), s.pte_value(slot));
+    }
+    assert_eq!(l.hypervisor().invlpgs, [s.va(1)]);
+    assert_eq!(l.hypervisor().tlb_flushes, 2);
+    let c = l.counters();
+    assert_eq!(
+        (c.hypercalls, c.multicalls, c.multicall_entries, c.other_ops),
+        (1, 1, 6, 3)
+    );
+}
+
+#[test]
+fn a_single_entry_flush_is_the_plain_hypercall() {
+    let (mut l, s) = std_setup();
+    l.enter().unwrap();
+    l.mmuext(tlb_flush()).unwrap();
+    l.flush().unwrap();
+    assert!(matches!(last_call(&l), Call::MmuextOp { ops, result: 0, .. } if ops.len() == 1));
+    let val = s.pte_value(4);
+    l.update_va_mapping(s.va(7), val, UVMF_INVLPG).unwrap();
+    l.flush().unwrap();
+    assert_eq!(
+        last_call(&l),
+        &Call::UpdateVaMapping {
+            va: s.va(7),
+            val,
+            flags: UVMF_INVLPG,
+            result: 0
+        }
+    );
+    assert_eq!(live(&l, &s, 7), val);
+    set(&mut l, &s, 1, 1).unwrap();
+    l.leave().unwrap();
+    assert!(mmu_call(1)(last_call(&l)));
+    assert_eq!(l.hypervisor().counts.multicall, 0);
+    assert_eq!(l.counters().flushes_for(FlushReason::Explicit), 2);
+    // An empty queue flushes nothing.
+    l.enter().unwrap();
+    l.flush().unwrap();
+    l.leave().unwrap();
+    assert_eq!(calls(&l), 3);
+}
+
+#[test]
+fn a_full_request_buffer_flushes_as_full() {
+    let (mut l, s) = setup::<4, 16>(1, 32);
+    l.enter().unwrap();
+    for slot in 0..16 {
+        set(&mut l, &s, slot, slot).unwrap();
+    }
+    assert_eq!(calls(&l), 0, "16 requests fit");
+    set(&mut l, &s, 16, 16).unwrap();
+    assert_eq!(calls(&l), 1, "the 17th flushes the 16 before it");
+    assert!(mmu_call(16)(last_call(&l)));
+    assert_eq!(l.counters().flushes_for(FlushReason::Full), 1);
+    assert_eq!(l.queued_requests(), 1);
+    assert_eq!(live(&l, &s, 15), s.pte_value(15));
+    assert_eq!(live(&l, &s, 16), 0);
+    l.leave().unwrap();
+    assert_eq!(live(&l, &s, 16), s.pte_value(16));
+    assert_eq!(l.counters().flushes_for(FlushReason::Leave), 1);
+}
+
+#[test]
+fn a_full_entry_buffer_flushes_as_full() {
+    let (mut l, s) = setup::<4, 16>(1, 32);
+    l.enter().unwrap();
+    set(&mut l, &s, 0, 0).unwrap();
+    l.mmuext(tlb_flush()).unwrap();
+    set(&mut l, &s, 1, 1).unwrap();
+    l.mmuext(tlb_flush()).unwrap();
+    assert_eq!((l.queued_entries(), calls(&l)), (4, 0));
+    // No room for a fifth entry, for a request or for another op.
+    set(&mut l, &s, 2, 2).unwrap();
+    assert_eq!(calls(&l), 1);
+    assert!(matches!(last_call(&l), Call::Multicall { calls, .. } if calls.len() == 4));
+    l.mmuext(tlb_flush()).unwrap();
+    l.mmuext(tlb_flush()).unwrap();
+    l.mmuext(tlb_flush()).unwrap();
+    assert_eq!(calls(&l), 1);
+    l.mmuext(tlb_flush()).unwrap();
+    assert_eq!(calls(&l), 2);
+    assert_eq!(l.counters().flushes_for(FlushReason::Full), 2);
+    l.leave().unwrap();
+    assert_eq!(l.hypervisor().tlb_flushes, 6);
+    assert_eq!(live(&l, &s, 2), s.pte_value(2));
+}
+
+#[test]
+fn a_read_flushes_only_if_that_entry_has_a_queued_write() {
+    let (mut l, s) = std_setup();
+    l.enter().unwrap();
+    set(&mut l, &s, 5, 1).unwrap();
+    set(&mut l, &s, 6, 2).unwrap();
+    assert_eq!(l.read_pte(s.pte_ptr(4)).unwrap(), 0);
+    assert_eq!(l.read_pte(s.pte_ptr(512 + 5)).unwrap(), 0);
+    assert_eq!(calls(&l), 0, "no hazard, no flush");
+    assert_eq!(l.read_pte(s.pte_ptr(6)).unwrap(), s.pte_value(2));
+    assert_eq!(calls(&l), 1, "the read of a queued entry flushed");
+    assert_eq!(l.counters().flushes_for(FlushReason::ReadHazard), 1);
+    assert!(l.is_active());
+    assert_eq!(l.read_pte(s.pte_ptr(6)).unwrap(), s.pte_value(2));
+    assert_eq!(calls(&l), 1, "nothing queued any more");
+    // A queued update_va_mapping may change any entry: every read flushes it first.
+    l.update_va_mapping(s.va(9), s.pte_value(3), 0).unwrap();
+    assert_eq!(l.read_pte(s.pte_ptr(0)).unwrap(), 0);
+    assert_eq!(calls(&l), 2);
+    assert_eq!(live(&l, &s, 9), s.pte_value(3));
+    // Queued pins and flushes change no entry.
+    l.mmuext(tlb_flush()).unwrap();
+    l.read_pte(s.pte_ptr(9)).unwrap();
+    assert_eq!(calls(&l), 2);
+    l.leave().unwrap();
+    assert_eq!(l.counters().flushes_for(FlushReason::ReadHazard), 2);
+}
+
+// ---- set_ptes() ----
+
+#[test]
+fn set_ptes_contract_violations_queue_nothing_and_keep_the_queue() {
+    let (mut l, s) = std_setup();
+    l.enter().unwrap();
+    set(&mut l, &s, 0, 0).unwrap();
+    let v = |i: u64| s.pte_value(1 + i as usize);
+    let cases = [
+        (s.va(10), s.pte_ptr(10), 0, SetPtesRule::ZeroCount),
+        (
+            s.va(10) + 8,
+            s.pte_ptr(10),
+            1,
+            SetPtesRule::UnalignedAddress { addr: s.va(10) + 8 },
+        ),
+        (
+            s.va(10),
+            s.pte_ptr(10) + 4,
+            1,
+            SetPtesRule::UnalignedPtep {
+                ptep: s.pte_ptr(10) + 4,
+            },
+        ),
+        (
+            s.va(10),
+            s.pte_ptr(11),
+            1,
+            SetPtesRule::PtepMismatch {
+                addr_index: 10,
+                ptep_index: 11,
+            },
+        ),
+        (
+            s.va(510),
+            s.pte_ptr(510),
+            3,
+            SetPtesRule::CrossesTable {
+                first_index: 510,
+                nr: 3,
+            },
+        ),
+    ];
+    for (addr, ptep, nr, rule) in cases {
+        assert_eq!(
+            l.set_ptes(addr, ptep, nr, v),
+            Err(MmuError::SetPtes(rule)),
+            "{rule}"
+        );
+        assert_eq!((l.queued_entries(), l.queued_requests()), (1, 1), "{rule}");
+        assert_eq!(l.depth(), 1, "{rule}");
+    }
+    assert_eq!(calls(&l), 0);
+    // The last two entries of a table are fine.
+    l.set_ptes(s.va(510), s.pte_ptr(510), 2, v).unwrap();
+    l.leave().unwrap();
+    assert_eq!(live(&l, &s, 0), s.pte_value(0));
+    assert_eq!(live(&l, &s, 511), s.pte_value(2));
+    assert_eq!(live(&l, &s, 512), 0);
+    assert_eq!(live(&l, &s, 10), 0);
+}
+
+#[test]
+fn set_ptes_batches_its_writes_unless_paused() {
+    let (mut l, s) = std_setup();
+    let v = |i: u64| s.pte_value(i as usize);
+    l.set_ptes(s.va(100), s.pte_ptr(100), 20, v).unwrap();
+    assert_eq!(calls(&l), 1, "outside lazy mode: one hypercall for all");
+    assert!(mmu_call(20)(last_call(&l)));
+    assert!(!l.is_active());
+
+    l.enter().unwrap();
+    set(&mut l, &s, 0, 0).unwrap();
+    l.set_ptes(s.va(200), s.pte_ptr(200), 5, v).unwrap();
+    assert_eq!(calls(&l), 2, "inside: its (nested) leave flushes");
+    assert!(mmu_call(6)(last_call(&l)));
+    assert!(l.is_active());
+
+    l.pause().unwrap();
+    l.set_ptes(s.va(300), s.pte_ptr(300), 3, v).unwrap();
+    assert_eq!(calls(&l), 5, "paused: one hypercall per entry");
+    l.resume().unwrap();
+    l.leave().unwrap();
+    for i in 0..20 {
+        assert_eq!(live(&l, &s, 100 + i), s.pte_value(i));
+    }
+    assert_eq!(live(&l, &s, 204), s.pte_value(4));
+    assert_eq!(live(&l, &s, 302), s.pte_value(2));
+}
+
+// ---- Errors ----
+
+#[test]
+fn a_refused_request_mid_batch_is_named_and_everything_else_takes_effect() {
+    let (mut l, s) = std_setup();
+    let table = pinned_l1(&mut l);
+    // Xen never lets a guest map one of its page tables writable (get_page_from_l1e: -EBUSY).
+    let bad = Space::pte(table, Space::DATA_FLAGS);
+    l.enter().unwrap();
+    for slot in 0..3 {
+        set(&mut l, &s, slot, slot).unwrap();
+    }
+    l.set_pte(s.pte_ptr(3), bad, s.va(3)).unwrap();
+    set(&mut l, &s, 4, 4).unwrap();
+    set(&mut l, &s, 5, 5).unwrap();
+    l.mmuext(invlpg(s.va(3))).unwrap();
+    for slot in 512..515 {
+        set(&mut l, &s, slot, slot - 500).unwrap();
+    }
+    assert_eq!(l.queued_entries(), 3);
+    let Err(MmuError::Flush(failure)) = l.leave() else {
+        panic!("the flush must report the refused request");
+    };
+    assert_eq!(failure.reason, FlushReason::Leave);
+    assert_eq!(failure.count, 1);
+    assert_eq!(
+        failure.first,
+        Rejected {
+            entry: 0,
+            request: 3,
+            op: Entry::MmuUpdate { first: 0, count: 6 },
+            va: s.va(3),
+            ptr: s.pte_ptr(3),
+            val: bad,
+            error: XenError::Busy,
+        }
+    );
+    assert_eq!(
+        l.last_rejections().copied().collect::<Vec<_>>(),
+        [failure.first]
+    );
+    let text = failure.to_string();
+    assert!(text.contains("entry 0 request 3"), "{text}");
+    assert!(text.contains("EBUSY"), "{text}");
+    for slot in [0, 1, 2, 4, 5] {
+        assert_eq!(live(&l, &s, slot), s.pte_value(slot), "slot {slot}");
+    }
+    for slot in 512..515 {
+        assert_eq!(live(&l, &s, slot), s.pte_value(slot - 500), "slot {slot}");
+    }
+    assert_eq!(live(&l, &s, 3), 0);
+    assert_eq!(
+        l.hypervisor().frame_info(table),
+        Some(FrameInfo {
+            ty: PageType::L1,
+            count: 1,
+            pinned: true
+        })
+    );
+    assert_eq!(l.counters().rejected, 1);
+    assert!(!l.is_active());
+    l.hypervisor().check_refcounts();
+}
+
+#[test]
+fn a_refused_request_in_a_later_entry_names_that_entry() {
+    let (mut l, s) = std_setup();
+    // An L2 entry must point at an L1 table; a frame mapped writable cannot become one
+    // (_get_page_type: -EINVAL).
+    set(&mut l, &s, 0, 0).unwrap();
+    let l2_ptr = (s.l2 << 12) | (100 * 8);
+    let bad = Space::pte(s.data[0], 0x67);
+    l.enter().unwrap();
+    set(&mut l, &s, 1, 1).unwrap();
+    l.mmuext(tlb_flush()).unwrap();
+    set(&mut l, &s, 2, 2).unwrap();
+    l.set_pte(l2_ptr, bad, 0).unwrap();
+    set(&mut l, &s, 3, 3).unwrap();
+    let Err(MmuError::Flush(failure)) = l.leave() else {
+        panic!("expected a flush failure");
+    };
+    assert_eq!(failure.count, 1);
+    let r = failure.first;
+    assert_eq!((r.entry, r.request), (2, 1));
+    assert_eq!(
+        (r.va, r.ptr, r.val, r.error),
+        (0, l2_ptr, bad, XenError::Inval)
+    );
+    for slot in 0..4 {
+        assert_eq!(live(&l, &s, slot), s.pte_value(slot));
+    }
+    assert_eq!(l.hypervisor().entry(s.l2, 100), 0);
+    l.hypervisor().check_refcounts();
+}
+
+#[test]
+fn several_refusals_are_all_counted() {
+    let (mut l, s) = setup::<4, 16>(1, 32);
+    let table = pinned_l1(&mut l);
+    let bad = Space::pte(table, Space::DATA_FLAGS);
+    l.enter().unwrap();
+    for slot in 0..12 {
+        if slot % 2 == 0 {
+            l.set_pte(s.pte_ptr(slot), bad, s.va(slot)).unwrap();
+        } else {
+            set(&mut l, &s, slot, slot).unwrap();
+        }
+    }
+    let Err(MmuError::Flush(f)) = l.leave() else {
+        panic!("expected a flush failure")
+    };
+    assert_eq!(f.count, 6);
+    let requests: Vec<u32> = l.last_rejections().map(|r| r.request).collect();
+    assert_eq!(requests, [0, 2, 4, 6, 8, 10]);
+    assert_eq!(f.first.request, 0);
+    for slot in 0..12 {
+        let want = if slot % 2 == 0 { 0 } else { s.pte_value(slot) };
+        assert_eq!(live(&l, &s, slot), want);
+    }
+    assert!(
+        f.to_string()
+            .starts_with("6 request(s) rejected in a leave flush; first: entry 0 request 0")
+    );
+}
+
+#[test]
+fn an_immediate_refusal_is_reported() {
+    let (mut l, s) = std_setup();
+    let table = pinned_l1(&mut l);
+    let bad = Space::pte(table, Space::DATA_FLAGS);
+    let r = l.set_pte(s.pte_ptr(9), bad, s.va(9));
+    let Err(MmuError::Immediate(r)) = r else {
+        panic!("expected an immediate refusal: {r:?}")
+    };
+    assert_eq!(
+        (r.entry, r.request, r.va, r.ptr, r.val, r.error),
+        (0, 0, s.va(9), s.pte_ptr(9), bad, XenError::Busy)
+    );
+    // Read-only is fine: Xen allows read-only mappings of page tables.
+    l.set_pte(s.pte_ptr(9), bad & !RW, s.va(9)).unwrap();
+    assert_eq!(live(&l, &s, 9), bad & !RW);
+}
+
+#[test]
+fn a_rejected_multicall_falls_back_to_one_hypercall_per_entry() {
+    let (mut l, s) = std_setup();
+    l.hypervisor_mut().multicall_limit = 1;
+    l.enter().unwrap();
+    set(&mut l, &s, 0, 0).unwrap();
+    set(&mut l, &s, 1, 1).unwrap();
+    l.mmuext(invlpg(s.va(1))).unwrap();
+    set(&mut l, &s, 2, 2).unwrap();
+    l.update_va_mapping(s.va(3), s.pte_value(3), 0).unwrap();
+    assert_eq!(l.leave(), Err(MmuError::MulticallRejected(XenError::Inval)));
+    let log = &l.hypervisor().log;
+    assert_eq!(log.len(), 5);
+    assert!(
+        matches!(&log[0], Call::Multicall { calls, result } if calls.is_empty() && *result == -22)
+    );
+    assert!(mmu_call(2)(&log[1]));
+    assert!(
+        matches!(&log[2], Call::MmuextOp { ops, result: 0, .. } if ops == &[(MMUEXT_INVLPG_LOCAL, s.va(1))])
+    );
+    assert!(mmu_call(1)(&log[3]));
+    assert!(matches!(&log[4], Call::UpdateVaMapping { result: 0, .. }));
+    for slot in 0..4 {
+        assert_eq!(live(&l, &s, slot), s.pte_value(slot));
+    }
+    assert_eq!(l.hypervisor().counts.rejected_multicalls, 1);
+    assert_eq!(l.counters().hypercalls, 5);
+}
+
+#[test]
+fn a_rejected_multicall_still_names_refused_requests() {
+    let (mut l, s) = std_setup();
+    let table = pinned_l1(&mut l);
+    l.hypervisor_mut().multicall_limit = 0;
+    l.enter().unwrap();
+    set(&mut l, &s, 0, 0).unwrap();
+    l.mmuext(tlb_flush()).unwrap();
+    set(&mut l, &s, 1, 1).unwrap();
+    l.set_pte(s.pte_ptr(2), Space::pte(table, Space::DATA_FLAGS), s.va(2))
+        .unwrap();
+    set(&mut l, &s, 3, 3).unwrap();
+    let Err(MmuError::Flush(f)) = l.leave() else {
+        panic!("expected a flush failure")
+    };
+    assert_eq!(f.count, 1);
+    let r = f.first;
+    assert_eq!((r.entry, r.request, r.error), (2, 1, XenError::Busy));
+    for slot in [0, 1, 3] {
+        assert_eq!(live(&l, &s, slot), s.pte_value(slot));
+    }
+}
+
+// ---- Properties over random programs ----
+
+const TABLES: usize = 3;
+const FRAMES: usize = 600;
+
+/// Checks run during a stress program. `a`: the live tables equal the shadow after every
+/// leave. `b`: every hypercall is one the rules allow, and no other.
+struct Checker<'a> {
+    space: &'a Space,
+    a: bool,
+    b: bool,
+    mark: usize,
+    active: bool,
+    paused: bool,
+    queued: usize,
+}
+
+impl<'a> Checker<'a> {
+    fn new(space: &'a Space, a: bool, b: bool) -> Self {
+        Checker {
+            space,
+            a,
+            b,
+            mark: 0,
+            active: false,
+            paused: false,
+            queued: 0,
+        }
+    }
+
+    /// The hypercalls `op` made (`calls`), against what it may make given the state before it.
+    fn check_calls<const R: usize>(&self, op: &Op, calls: &[Call]) -> Result<(), String> {
+        let n = calls.len();
+        let sizes: Vec<usize> = calls.iter().map(|c| c.requests().len()).collect();
+        // Only page-table writes are queued, so everything coalesces into single entries.
+        if calls.iter().any(|c| !matches!(c, Call::MmuUpdate { .. })) {
+            return Err(format!("unexpected kind of hypercall: {calls:?}"));
+        }
+        let flushes_queue = |n: usize| {
+            if self.queued == 0 {
+                n == 0
+            } else {
+                n == 1 && sizes[0] == self.queued
+            }
+        };
+        let ok = match *op {
+            Op::Enter | Op::Resume => n == 0,
+            Op::Leave | Op::Flush => flushes_queue(n),
+            Op::Pause => {
+                if self.active {
+                    flushes_queue(n)
+                } else {
+                    n == 0
+                }
+            }
+            // In a lazy section a single write makes a hypercall only when the buffer is full.
+            Op::SetPte { .. } | Op::Clear { .. } if self.active => {
+                n == 0 || (n == 1 && self.queued == R && sizes[0] == R)
+            }
+            Op::SetPte { .. } | Op::Clear { .. } => n == 1 && sizes[0] == 1,
+            Op::SetPtes { nr, .. } if self.paused => n == nr && sizes.iter().all(|&k| k == 1),
+            // Full buffers, then its own leave flushes the rest.
+            Op::SetPtes { nr, .. } => {
+                let total = self.queued + nr;
+                n == total.div_ceil(R)
+                    && sizes[..n - 1].iter().all(|&k| k == R)
+                    && sizes.iter().sum::<usize>() == total
+            }
+            // A read flushes only a batch holding a write to the entry it reads.
+            Op::Read { slot } if self.active => {
+                let ptr = self.space.pte_ptr(slot);
+                n == 0
+                    || (n == 1
+                        && sizes[0] == self.queued
+                        && calls[0].requests().iter().any(|&(p, _)| p & !7 == ptr))
+            }
+            Op::Read { .. } => n == 0,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "hypercalls not allowed here (active {}, paused {}, {} queued): {sizes:?} requests",
+                self.active, self.paused, self.queued
+            ))
+        }
+    }
+}
+
+impl<const E: usize, const R: usize> Observer<Model, E, R> for Checker<'_> {
+    fn before_op(&mut self, _: usize, _: &Op, lazy: &Lazy<E, R>, _: &Shadow) {
+        self.mark = lazy.hypervisor().log.len();
+        self.active = lazy.is_active();
+        self.paused = lazy.is_paused();
+        self.queued = lazy.queued_requests();
+    }
+
+    fn after_op(
+        &mut self,
+        _: usize,
+        op: &Op,
+        lazy: &mut Lazy<E, R>,
+        _: &Shadow,
+    ) -> Result<(), String> {
+        if self.b {
+            self.check_calls::<R>(op, &lazy.hypervisor().log[self.mark..])?;
+        }
+        Ok(())
+    }
+
+    fn after_leave(&mut self, lazy: &mut Lazy<E, R>, shadow: &Shadow) -> Result<(), String> {
+        if !self.a {
+            return Ok(());
+        }
+        stress::compare(lazy, self.space, shadow, self.space.slots())?;
+        // Every entry of every table, untouched ones included (they must still be clear).
+        let model = lazy.hypervisor();
+        for slot in 0..self.space.slots() {
+            let want = if slot < shadow.len() {
+                shadow.get(slot)
+            } else {
+                0
+            };
+            let found = model.read_pte(self.space.pte_ptr(slot));
+            if found != want {
+                return Err(format!("slot {slot}: {found:#x}, expected {want:#x}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn program(seed: u64, ops: usize, depth: u32) -> Vec<Op> {
+    stress::generate(seed, ops, depth, TABLES * 512, FRAMES)
+}
+
+/// (a) After every leave the tables equal the eager reference.
+fn tables_match_after_every_leave<const E: usize, const R: usize>(
+    seed: u64,
+    ops: usize,
+    depth: u32,
+) -> Result<(), TestCaseError> {
+    let (mut l, s) = setup::<E, R>(TABLES, FRAMES);
+    let prog = program(seed, ops, depth);
+    let mut checker = Checker::new(&s, true, false);
+    stress::run_with(&mut l, &s, &prog, &mut checker).map_err(TestCaseError::fail)?;
+    l.hypervisor().check_refcounts();
+    Ok(())
+}
+
+/// (b) No hypercall inside a lazy section but for a full buffer or a read hazard, or from ops
+/// that flush (leave, flush, pause, and set_ptes() with its own leave).
+fn no_hypercalls_inside_lazy_sections<const E: usize, const R: usize>(
+    seed: u64,
+    ops: usize,
+    depth: u32,
+) -> Result<(), TestCaseError> {
+    let (mut l, s) = setup::<E, R>(TABLES, FRAMES);
+    let prog = program(seed, ops, depth);
+    let mut checker = Checker::new(&s, false, true);
+    let stats = stress::run_with(&mut l, &s, &prog, &mut checker).map_err(TestCaseError::fail)?;
+    let allowed = stats.flushes_for(FlushReason::Full) + stats.flushes_for(FlushReason::ReadHazard);
+    prop_assert!(
+        stats.lazy_hypercalls <= allowed,
+        "{} hypercalls inside lazy sections, {allowed} full/read-hazard flushes",
+        stats.lazy_hypercalls
+    );
+    Ok(())
+}
+
+/// (c) Hypercalls for N batched writes: at most ceil(N / capacity) plus one per op that forces a
+/// flush, plus one per immediate write.
+fn hypercalls_are_bounded<const E: usize, const R: usize>(
+    seed: u64,
+    ops: usize,
+    depth: u32,
+) -> Result<(), TestCaseError> {
+    let (mut l, s) = setup::<E, R>(TABLES, FRAMES);
+    let prog = program(seed, ops, depth);
+    let stats = stress::run(&mut l, &s, &prog, |_, _| Ok(())).map_err(TestCaseError::fail)?;
+    let set_ptes = prog
+        .iter()
+        .filter(|op| matches!(op, Op::SetPtes { .. }))
+        .count();
+    let forced = stats.leaves + stats.flushes + stats.pauses + stats.hazard_reads + set_ptes;
+    let bound = stats.batched_writes.div_ceil(R) + forced + stats.immediate_writes;
+    let made = l.hypervisor().counts.hypercalls();
+    prop_assert!(
+        made as usize <= bound,
+        "{made} hypercalls for {} batched writes (capacity {R}), {forced} forced flushes, {} immediate writes",
+        stats.batched_writes,
+        stats.immediate_writes
+    );
+    prop_assert_eq!(
+        made,
+        stats.hypercalls,
+        "the lazy layer's count agrees with Xen's"
+    );
+    Ok(())
+}
+
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(config(96))]
+
+    #[test]
+    fn prop_a_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+        tables_match_after_every_leave::<4, 16>(seed, ops, depth)?;
+    }
+
+    #[test]
+    fn prop_a_linux_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+        tables_match_after_every_leave::<LINUX_ENTRIES, LINUX_REQUESTS>(seed, ops, depth)?;
+    }
+
+    #[test]
+    fn prop_a_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+        tables_match_after_every_leave::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth)?;
+    }
+
+    #[test]
+    fn prop_b_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+        no_hypercalls_inside_lazy_sections::<4, 16>(seed, ops, depth)?;
+    }
+
+    #[test]
+    fn prop_b_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+        no_hypercalls_inside_lazy_sections::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth)?;
+    }
+
+    #[test]
+    fn prop_c_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+        hypercalls_are_bounded::<4, 16>(seed, ops, depth)?;
+    }
+
+    #[test]
+    fn prop_c_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+        hypercalls_are_bounded::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth)?;
+    }
+}
+
+// ---- The generator and runner themselves ----
+
+#[test]
+fn generated_programs_are_balanced_and_in_range() {
+    for seed in 0..300 {
+        let depth = (seed % 9) as u32;
+        let slots = 1 + (seed as usize * 37) % 1500;
+        let frames = 1 + (seed as usize * 11) % 700;
+        let ops = (seed as usize * 7) % 500;
+        let prog = stress::generate(seed, ops, depth, slots, frames);
+        assert_eq!(prog.len(), ops, "seed {seed}");
+        assert_eq!(prog, stress::generate(seed, ops, depth, slots, frames));
+        let mut open = Vec::new();
+        for op in &prog {
+            match *op {
+                Op::Enter | Op::Pause => {
+                    open.push(*op);
+                    assert!(open.len() as u32 <= depth, "seed {seed}: too deep");
+                }
+                Op::Leave => assert_eq!(open.pop(), Some(Op::Enter), "seed {seed}"),
+                Op::Resume => assert_eq!(open.pop(), Some(Op::Pause), "seed {seed}"),
+                Op::SetPte { slot, frame } => assert!(slot < slots && frame < frames),
+                Op::Clear { slot } | Op::Read { slot } => assert!(slot < slots),
+                Op::SetPtes { slot, nr, frame } => {
+                    assert!(nr >= 1 && slot + nr <= slots && frame + nr <= frames);
+                    assert_eq!(
+                        slot / 512,
+                        (slot + nr - 1) / 512,
+                        "seed {seed}: crosses a table"
+                    );
+                }
+                Op::Flush => {}
+            }
+        }
+        assert!(open.is_empty(), "seed {seed}: unbalanced");
+    }
+}
+
+#[test]
+fn generated_programs_cover_every_kind_of_op() {
+    let prog = stress::generate(7, 5000, 8, 1024, 600);
+    let has = |f: fn(&Op) -> bool| prog.iter().any(f);
+    assert!(has(|o| matches!(o, Op::Enter)) && has(|o| matches!(o, Op::Pause)));
+    assert!(has(|o| matches!(o, Op::SetPte { .. })) && has(|o| matches!(o, Op::Clear { .. })));
+    assert!(has(|o| matches!(o, Op::SetPtes { nr, .. } if *nr > 64)));
+    assert!(has(|o| matches!(o, Op::Flush)) && has(|o| matches!(o, Op::Read { .. })));
+    assert!(
+        stress::generate(7, 100, 0, 10, 10)
+            .iter()
+            .all(|o| !matches!(o, Op::Enter | Op::Pause))
+    );
+    // Degenerate layouts still give balanced programs.
+    assert_eq!(stress::generate(1, 50, 3, 0, 0).len(), 50);
+}
+
+#[test]
+fn rng_is_deterministic_and_in_range() {
+    let mut a = stress::Rng::new(42);
+    let mut b = stress::Rng::new(42);
+    let mut c = stress::Rng::new(43);
+    let xs: Vec<u64> = (0..8).map(|_| a.next_u64()).collect();
+    let ys: Vec<u64> = (0..8).map(|_| b.next_u64()).collect();
+    let zs: Vec<u64> = (0..8).map(|_| c.next_u64()).collect();
+    assert_eq!(xs, ys);
+    assert_ne!(xs, zs);
+    let mut hits = [0usize; 7];
+    for _ in 0..7000 {
+        hits[a.below(7)] += 1;
+    }
+    assert!(hits.iter().all(|&h| (800..1200).contains(&h)), "{hits:?}");
+    assert_eq!(stress::Rng::new(0).below(1), 0);
+}
+
+/// Changes slot 3 behind the runner's back after op `at`.
+struct Tamper<'a> {
+    space: &'a Space,
+    at: usize,
+}
+
+impl<const E: usize, const R: usize> Observer<Model, E, R> for Tamper<'_> {
+    fn after_op(&mut self, i: usize, _: &Op, l: &mut Lazy<E, R>, _: &Shadow) -> Result<(), String> {
+        if i == self.at {
+            let req = hypercalls::abi::pt_update(self.space.pte_ptr(3), 0);
+            l.hypervisor_mut().mmu_update(&[req]).unwrap();
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn run_reports_a_stale_read_and_compare_names_the_slot() {
+    let (mut l, s) = std_setup();
+    let prog = [Op::SetPte { slot: 3, frame: 1 }, Op::Read { slot: 3 }];
+    let err = stress::run_with(&mut l, &s, &prog, &mut Tamper { space: &s, at: 0 }).unwrap_err();
+    assert!(
+        err.starts_with("op 1 (Read { slot: 3 }): read 0x0"),
+        "{err}"
+    );
+    // The shadow starts from the live tables, whatever they hold.
+    let stats = stress::run(&mut l, &s, &prog[1..], |_, _| Ok(())).unwrap();
+    assert_eq!((stats.ops, stats.writes, stats.reads), (1, 0, 1));
+
+    let prog = [Op::Enter, Op::SetPte { slot: 2, frame: 2 }, Op::Leave];
+    let mut shadow_at_leave = None;
+    stress::run(&mut l, &s, &prog, |_, sh| {
+        shadow_at_leave = Some(sh.clone());
+        Ok(())
+    })
+    .unwrap();
+    let shadow = shadow_at_leave.unwrap();
+    assert_eq!(shadow.len(), 3);
+    assert_eq!(shadow.get(2), s.pte_value(2));
+    assert_eq!(stress::compare(&l, &s, &shadow, 100), Ok(()));
+    set(&mut l, &s, 2, 5).unwrap();
+    let msg = stress::compare(&l, &s, &shadow, 100).unwrap_err();
+    assert!(msg.starts_with("slot 2 "), "{msg}");
+    assert!(msg.contains(&format!("{:#x}", s.pte_ptr(2))), "{msg}");
+    // A failing hook stops the run and names the op.
+    let err = stress::run(&mut l, &s, &prog, |_, _| Err("boom".into())).unwrap_err();
+    assert!(
+        err.contains("op 2 (Leave)") && err.contains("boom"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_counts_what_it_did() {
+    let (mut l, s) = setup::<4, 16>(1, 64);
+    let prog = [
+        Op::Enter,
+        Op::Enter,
+        Op::SetPte { slot: 0, frame: 0 },
+        Op::Read { slot: 0 },
+        Op::Read { slot: 1 },
+        Op::SetPtes {
+            slot: 8,
+            nr: 20,
+            frame: 1,
+        },
+        Op::Pause,
+        Op::Clear { slot: 0 },
+        Op::Resume,
+        Op::Leave,
+        Op::Flush,
+        Op::Leave,
+    ];
+    let mut leaves = 0;
+    let stats = stress::run(&mut l, &s, &prog, |l, sh| {
+        leaves += 1;
+        stress::compare(l, &s, sh, 64)
+    })
+    .unwrap();
+    assert_eq!(leaves, 3, "two leaves and a set_ptes");
+    assert_eq!(stats.ops, 12);
+    assert_eq!(
+        (stats.writes, stats.batched_writes, stats.immediate_writes),
+        (22, 21, 1)
+    );
+    assert_eq!((stats.reads, stats.hazard_reads), (2, 1));
+    assert_eq!((stats.enters, stats.leaves, stats.nested_leaves), (2, 2, 1));
+    assert_eq!((stats.pauses, stats.flushes, stats.max_depth), (1, 1, 2));
+    assert_eq!(stats.lazy_hypercalls, 1, "the read hazard");
+    assert_eq!(stats.flushes_for(FlushReason::ReadHazard), 1);
+    assert_eq!(stats.flushes_for(FlushReason::Full), 1);
+    assert_eq!(stats.hypercalls, l.hypervisor().counts.hypercalls());
+}
+
+#[test]
+fn no_hypercall_happens_between_enter_and_leave() {
+    let (mut l, s) = std_setup();
+    let before = calls(&l);
+    l.enter().unwrap();
+    for slot in 0..40 {
+        set(&mut l, &s, slot, slot % 32).unwrap();
+        l.read_pte(s.pte_ptr(slot + 100)).unwrap();
+    }
+    l.mmuext(tlb_flush()).unwrap();
+    assert_eq!(calls(&l), before);
+    l.leave().unwrap();
+    assert_eq!(calls(&l), before + 1);
+    assert_eq!(l.hypervisor().log[before].requests().len(), 40);
+}
