@@ -5,6 +5,7 @@ use crate::testing::TestCase;
 
 mod basics;
 mod lazy_mmu;
+mod stress;
 
 const fn test(
     name: &'static str,
@@ -80,6 +81,11 @@ pub static TESTS: &[TestCase] = &[
         "api_misuse",
         "set_ptes contract and unbalanced leave are refused, nothing lost",
         lazy_mmu::api_misuse,
+    ),
+    test(
+        "stress",
+        "seeded random lazy-MMU programs checked against a shadow (seed= ops= depth=)",
+        stress::stress,
     ),
     TestCase {
         name: "bug_privileged_instruction",
