@@ -21,7 +21,9 @@
 
 use core::fmt;
 
-use hypercalls::abi::{MMU_UPDATE_PREEMPTED, MmuUpdate, MmuextOp, mmuext_arg1, pt_update};
+use hypercalls::abi::{
+    MMU_UPDATE_PREEMPTED, MMUEXT_UNPIN_TABLE, MmuUpdate, MmuextOp, mmuext_arg1, pt_update,
+};
 use hypercalls::{PartialFailure, XenError};
 
 /// Page-table entries per table.
@@ -784,6 +786,8 @@ impl<H: Hypervisor> Issuer<'_, H> {
         outcomes: &[EntryOutcome],
         failure: &mut Rejections,
     ) {
+        // The first entry with requests a refusal held up, and the first of those requests.
+        let mut held_up = None;
         for (i, (entry, outcome)) in entries.iter().zip(outcomes).enumerate() {
             if outcome.result >= 0 {
                 continue;
@@ -802,10 +806,52 @@ impl<H: Hypervisor> Issuer<'_, H> {
                         vas[done],
                         error,
                     ));
-                    // Xen stopped at the refused request: the rest never ran.
-                    self.submit_updates(i as u16, *entry, reqs, vas, done + 1, failure);
+                    if held_up.is_none() && done + 1 < reqs.len() {
+                        held_up = Some((i, done + 1));
+                    }
                 }
-                _ => failure.push(rejection(i as u16, 0, *entry, op_argument(entry), 0, error)),
+                Entry::UpdateVaMapping { va, .. } => failure.push(rejection(
+                    i as u16,
+                    0,
+                    *entry,
+                    op_argument(entry),
+                    va,
+                    error,
+                )),
+                Entry::Mmuext(_) => {
+                    failure.push(rejection(i as u16, 0, *entry, op_argument(entry), 0, error))
+                }
+            }
+        }
+        let Some((start, from)) = held_up else {
+            return;
+        };
+        // Xen stopped at the refused request but ran the entries after it, so the held-up
+        // requests alone would land after them: a later write to the same entry would be undone
+        // and a later invalidation would come too early. Issue everything from the held-up
+        // requests on again, in queue order. Repeated writes store the same values and repeated
+        // flushes are harmless; refused requests are not retried, and pins and unpins
+        // (MMUEXT_PIN_L1_TABLE..=MMUEXT_UNPIN_TABLE), which cannot run twice, are not repeated.
+        for (i, (entry, outcome)) in entries.iter().zip(outcomes).enumerate().skip(start) {
+            let index = i as u16;
+            match *entry {
+                Entry::MmuUpdate { first, count } => {
+                    let range = first as usize..first as usize + count as usize;
+                    let (reqs, vas) = (&reqs[range.clone()], &vas[range]);
+                    if i == start {
+                        self.submit_updates(index, *entry, reqs, vas, from, failure);
+                    } else if outcome.result < 0 {
+                        let refused = (outcome.done as usize).min(reqs.len() - 1);
+                        let (before, before_vas) = (&reqs[..refused], &vas[..refused]);
+                        self.submit_updates(index, *entry, before, before_vas, 0, failure);
+                        self.submit_updates(index, *entry, reqs, vas, refused + 1, failure);
+                    } else {
+                        self.submit_updates(index, *entry, reqs, vas, 0, failure);
+                    }
+                }
+                _ if outcome.result < 0 => {}
+                Entry::Mmuext(op) if op.cmd <= MMUEXT_UNPIN_TABLE => {}
+                _ => self.issue_entry(index, *entry, reqs, vas, failure),
             }
         }
     }

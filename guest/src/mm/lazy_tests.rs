@@ -726,6 +726,84 @@ fn a_rejected_multicall_still_names_refused_requests() {
     }
 }
 
+/// Xen runs every entry of a multicall, so the requests a refusal held up run after the later
+/// entries did. They must not undo a later write to the same entry, nor land after a later
+/// invalidation of their mapping.
+#[test]
+fn requests_held_up_by_a_refusal_do_not_overtake_later_entries() {
+    let (mut l, s) = std_setup();
+    let table = pinned_l1(&mut l);
+    let bad = Space::pte(table, Space::DATA_FLAGS);
+    l.enter().unwrap();
+    l.set_pte(s.pte_ptr(0), bad, s.va(0)).unwrap();
+    set(&mut l, &s, 1, 1).unwrap();
+    l.mmuext(invlpg(s.va(1))).unwrap();
+    set(&mut l, &s, 1, 2).unwrap();
+    l.update_va_mapping(s.va(4), s.pte_value(4), 0).unwrap();
+    set(&mut l, &s, 4, 5).unwrap();
+    l.update_va_mapping(s.va(1), s.pte_value(3), 0).unwrap();
+    let Err(MmuError::Flush(f)) = l.leave() else {
+        panic!("expected a flush failure")
+    };
+    assert_eq!(f.count, 1, "{f}");
+    assert_eq!(live(&l, &s, 0), 0);
+    assert_eq!(
+        live(&l, &s, 1),
+        s.pte_value(3),
+        "the last write to slot 1 wins"
+    );
+    assert_eq!(
+        live(&l, &s, 4),
+        s.pte_value(5),
+        "the last write to slot 4 wins"
+    );
+    // After the last time slot 1 was set to frame 1, its invalidation must still follow.
+    let flat: Vec<Call> = l
+        .hypervisor()
+        .log
+        .iter()
+        .flat_map(|c| match c {
+            Call::Multicall { calls, .. } => calls.clone(),
+            c => vec![c.clone()],
+        })
+        .collect();
+    let first_value = s.pte_value(1);
+    let last_write = flat
+        .iter()
+        .rposition(|c| c.requests().iter().any(|&(_, v)| v == first_value))
+        .unwrap();
+    assert!(
+        flat[last_write..]
+            .iter()
+            .any(|c| matches!(c, Call::MmuextOp { ops, .. } if ops[0].0 == MMUEXT_INVLPG_LOCAL)),
+        "{flat:#?}"
+    );
+    l.hypervisor().check_refcounts();
+}
+
+#[test]
+fn a_refused_update_va_mapping_in_a_multicall_names_its_address() {
+    let (mut l, s) = std_setup();
+    let table = pinned_l1(&mut l);
+    let bad = Space::pte(table, Space::DATA_FLAGS);
+    l.enter().unwrap();
+    set(&mut l, &s, 0, 0).unwrap();
+    l.update_va_mapping(s.va(6), bad, 0).unwrap();
+    let Err(MmuError::Flush(f)) = l.leave() else {
+        panic!("expected a flush failure")
+    };
+    let r = f.first;
+    assert_eq!(
+        (r.entry, r.va, r.val, r.error),
+        (1, s.va(6), bad, XenError::Busy)
+    );
+    // The same refusal issued directly names it the same way.
+    let Err(MmuError::Immediate(direct)) = l.update_va_mapping(s.va(6), bad, 0) else {
+        panic!("expected an immediate refusal")
+    };
+    assert_eq!((direct.va, direct.val), (r.va, r.val));
+}
+
 // ---- Properties over random programs ----
 
 const TABLES: usize = 3;
