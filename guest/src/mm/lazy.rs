@@ -177,6 +177,26 @@ impl Counters {
     pub fn total_flushes(&self) -> u64 {
         self.flushes.iter().sum()
     }
+
+    /// What happened between `earlier` (a snapshot of the same counters) and `self`.
+    pub fn since(&self, earlier: &Counters) -> Counters {
+        let mut flushes = [0; 6];
+        for (d, (now, then)) in flushes
+            .iter_mut()
+            .zip(self.flushes.iter().zip(&earlier.flushes))
+        {
+            *d = now - then;
+        }
+        Counters {
+            hypercalls: self.hypercalls - earlier.hypercalls,
+            multicalls: self.multicalls - earlier.multicalls,
+            multicall_entries: self.multicall_entries - earlier.multicall_entries,
+            requests: self.requests - earlier.requests,
+            other_ops: self.other_ops - earlier.other_ops,
+            flushes,
+            rejected: self.rejected - earlier.rejected,
+        }
+    }
 }
 
 /// One request Xen refused, with everything needed to find it.

@@ -110,22 +110,6 @@ fn unmap_and_free(va: u64, ptes: &[PtePtr], frames_used: Vec<Frame>) -> TestOutc
     Ok(())
 }
 
-fn delta(after: Counters, before: Counters) -> Counters {
-    let mut d = Counters {
-        hypercalls: after.hypercalls - before.hypercalls,
-        multicalls: after.multicalls - before.multicalls,
-        multicall_entries: after.multicall_entries - before.multicall_entries,
-        requests: after.requests - before.requests,
-        other_ops: after.other_ops - before.other_ops,
-        flushes: [0; 6],
-        rejected: after.rejected - before.rejected,
-    };
-    for r in FlushReason::ALL {
-        d.flushes[r as usize] = after.flushes_for(r) - before.flushes_for(r);
-    }
-    d
-}
-
 fn show(label: &str, d: &Counters) {
     print!(
         "    {label}: {} hypercalls ({} multicalls, {} entries), {} requests, {} other ops; flushes:",
@@ -148,7 +132,7 @@ pub fn eager_set_pte(_: &Context) -> TestOutcome {
     ensure!(!pte::is_active(), "lazy mode active outside any section");
     let (raw0, c0) = (issued(), pte::counters());
     pte::set_pte(ptes[0], Pte::from_mfn(page[0].mfn, KERNEL_RW), va).map_err(failed)?;
-    let d = delta(pte::counters(), c0);
+    let d = pte::counters().since(&c0);
     ensure_eq!(issued() - raw0, 1, "raw hypercalls for one eager set_pte");
     ensure_eq!(
         (d.hypercalls, d.multicalls, d.requests),
@@ -187,7 +171,7 @@ pub fn lazy_batch(_: &Context) -> TestOutcome {
     let (entries, reqs) = pte::with_lazy(|l| (l.queued_entries(), l.queued_requests()));
     pte::leave().map_err(failed)?;
     let raw_after = issued() - raw0;
-    let d = delta(pte::counters(), c0);
+    let d = pte::counters().since(&c0);
     println!(
         "    {N} set_pte in a lazy section: {raw_before_leave} hypercalls before leave, {raw_after} after"
     );
@@ -255,7 +239,7 @@ pub fn move_ptes(ctx: &Context) -> TestOutcome {
     }
     pte::flush_tlb_local().map_err(failed)?;
     pte::leave().map_err(failed)?;
-    let d = delta(pte::counters(), c0);
+    let d = pte::counters().since(&c0);
     println!(
         "    moved {N} pages {src:#x} -> {dst:#x} (across an L1 boundary), {} raw hypercalls",
         issued() - raw0
@@ -312,7 +296,7 @@ pub fn buffer_overflow(_: &Context) -> TestOutcome {
     );
     pte::leave().map_err(failed)?;
     let raw = issued() - raw0;
-    let d = delta(pte::counters(), c0);
+    let d = pte::counters().since(&c0);
     show("counters", &d);
     ensure_eq!(raw, 2, "hypercalls in all");
     ensure_eq!(d.flushes_for(FlushReason::Full), 1, "full flushes");
@@ -383,7 +367,7 @@ pub fn nested_sections(_: &Context) -> TestOutcome {
             );
         }
     }
-    let d = delta(pte::counters(), c0);
+    let d = pte::counters().since(&c0);
     show("counters", &d);
     ensure_eq!(
         d.flushes_for(FlushReason::NestedLeave),
