@@ -22,6 +22,7 @@ RESULT_RE = re.compile(r"Test result: (SUCCESS|FAILURE|ERROR|SKIP)")
 CRASH_RES = [
     re.compile(r"Hardware Dom0 crashed"),
     re.compile(r"Hardware Dom0 shutdown"),
+    re.compile(r"Hardware Dom0 halted"),  # powered off without a result line
     re.compile(r"Panic on CPU"),
     re.compile(r"Could not construct domain 0|Could not set up DOM0"),
     re.compile(r"domain_crash_sync called"),
