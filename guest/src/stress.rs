@@ -321,9 +321,7 @@ pub fn run_with<H: Hypervisor, const E: usize, const R: usize>(
     let slots = program.iter().map(op_end).max().unwrap_or(0);
     let mut values = Vec::with_capacity(slots);
     for slot in 0..slots {
-        let val = lazy
-            .read_pte(layout.pte_ptr(slot))
-            .map_err(|e| format!("reading slot {slot} before the run: {e}"))?;
+        let val = lazy.read_pte(layout.pte_ptr(slot));
         values.push(val);
     }
     let mut shadow = Shadow::new(values);
@@ -384,7 +382,7 @@ pub fn run_with<H: Hypervisor, const E: usize, const R: usize>(
                 if active && queued.contains(&slot) {
                     stats.hazard_reads += 1;
                 }
-                let found = lazy.read_pte(layout.pte_ptr(slot)).map_err(|e| fail(&e))?;
+                let found = lazy.read_pte(layout.pte_ptr(slot));
                 let expected = shadow.get(slot);
                 if found != expected {
                     return Err(fail(&format_args!(

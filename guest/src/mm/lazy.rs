@@ -253,17 +253,23 @@ impl fmt::Display for FlushFailure {
     }
 }
 
-/// The refusals collected during one flush.
+/// Refusals collected since they were last reported.
 #[derive(Clone, Copy)]
 struct Rejections {
     list: [Option<Rejected>; MAX_REPORTED],
     count: u32,
+    /// The flush in which the first listed refusal happened.
+    reason: FlushReason,
+    /// Xen refused a whole multicall (its entries were then issued one by one).
+    multicall_refused: Option<XenError>,
 }
 
 impl Rejections {
     const NONE: Rejections = Rejections {
         list: [None; MAX_REPORTED],
         count: 0,
+        reason: FlushReason::Explicit,
+        multicall_refused: None,
     };
 
     fn push(&mut self, r: Rejected) {
@@ -277,12 +283,29 @@ impl Rejections {
         self.list[0]
     }
 
-    fn as_failure(&self, reason: FlushReason) -> Option<FlushFailure> {
-        self.first().map(|first| FlushFailure {
-            reason,
-            count: self.count,
-            first,
-        })
+    /// Add the refusals of a later flush made for `reason`.
+    fn merge(&mut self, later: &Rejections, reason: FlushReason) {
+        if self.count == 0 {
+            self.reason = reason;
+        }
+        for r in later.list.iter().flatten() {
+            self.push(*r);
+        }
+        // Refusals beyond the listed ones still count.
+        self.count += later.count - later.list.iter().flatten().count() as u32;
+        self.multicall_refused = self.multicall_refused.or(later.multicall_refused);
+    }
+
+    fn as_error(&self) -> Option<MmuError> {
+        match (self.first(), self.multicall_refused) {
+            (Some(first), _) => Some(MmuError::Flush(FlushFailure {
+                reason: self.reason,
+                count: self.count,
+                first,
+            })),
+            (None, Some(e)) => Some(MmuError::MulticallRejected(e)),
+            (None, None) => None,
+        }
     }
 }
 
@@ -510,6 +533,8 @@ pub struct LazyMmu<
     strict: bool,
     queue: Queue<E, R>,
     counters: Counters,
+    /// Refusals of flushes that report later (full, read hazard, nested leave).
+    pending: Rejections,
     last_rejections: Rejections,
 }
 
@@ -530,6 +555,7 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
                 flushes: [0; 6],
                 rejected: 0,
             },
+            pending: Rejections::NONE,
             last_rejections: Rejections::NONE,
         }
     }
@@ -614,21 +640,27 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
         } else {
             FlushReason::NestedLeave
         };
-        let flushed = self.flush_queue(reason);
         self.depth -= 1;
-        flushed
+        if self.depth > 0 {
+            // Refusals are reported where batching ends: the outermost leave, or a flush or
+            // pause the caller asked for. A nested leave (e.g. the end of `set_ptes()` inside
+            // `move_ptes()`) must not hand the outer section's refusals to the inner caller.
+            self.flush_deferred(reason);
+            return Ok(());
+        }
+        self.flush_reported(reason)
     }
 
     /// Issue whatever is queued (Linux: `arch_flush_lazy_mmu_mode`).
     pub fn flush(&mut self) -> Result<(), MmuError> {
-        self.flush_queue(FlushReason::Explicit)
+        self.flush_reported(FlushReason::Explicit)
     }
 
     /// Suspend batching, flushing first (Linux: `lazy_mmu_mode_pause`).
     pub fn pause(&mut self) -> Result<(), MmuError> {
         self.paused += 1;
         if self.paused == 1 && self.depth > 0 {
-            return self.flush_queue(FlushReason::Pause);
+            return self.flush_reported(FlushReason::Pause);
         }
         Ok(())
     }
@@ -643,19 +675,18 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
     }
 
     /// Write `val` to the page-table entry at machine address `ptr`, which maps `va` (0 if it
-    /// is not a leaf mapping). Queued in lazy mode, issued at once otherwise.
+    /// is not a leaf mapping). Queued in lazy mode (refusals are reported by the call that ends
+    /// the batching), issued at once otherwise (a refusal is this call's error).
     pub fn set_pte(&mut self, ptr: u64, val: u64, va: u64) -> Result<(), MmuError> {
         let req = pt_update(ptr, val);
         if !self.is_active() {
             return self.issue_now(Entry::MmuUpdate { first: 0, count: 1 }, &[req], va);
         }
-        let mut result = Ok(());
         if !self.queue.has_room_for_request() {
-            result = self.flush_queue(FlushReason::Full);
+            self.flush_deferred(FlushReason::Full);
         }
-        // Queued even if the flush that made room reported rejections: nothing is dropped.
         self.queue.push_request(req, va);
-        result
+        Ok(())
     }
 
     /// Queue (or issue) an `mmuext_op`, e.g. a pin or a TLB flush.
@@ -668,14 +699,13 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
         self.queue_other(Entry::UpdateVaMapping { va, val, flags })
     }
 
-    /// Read the entry at `ptr`, flushing first if a queued write could change it.
-    pub fn read_pte(&mut self, ptr: u64) -> Result<u64, MmuError> {
-        let mut result = Ok(());
+    /// Read the entry at `ptr`, flushing first if a queued write could change it (refusals of
+    /// that flush are reported where the batching ends).
+    pub fn read_pte(&mut self, ptr: u64) -> u64 {
         if self.queue.has_write_to(ptr) {
-            result = self.flush_queue(FlushReason::ReadHazard);
+            self.flush_deferred(FlushReason::ReadHazard);
         }
-        let val = self.hv.read_pte(ptr);
-        result.map(|_| val)
+        self.hv.read_pte(ptr)
     }
 
     /// Linux's generic `set_ptes()`: enter lazy mode, `set_pte` each of `nr` entries starting at
@@ -690,24 +720,22 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
     ) -> Result<(), MmuError> {
         check_set_ptes(addr, ptep, nr).map_err(MmuError::SetPtes)?;
         self.enter()?;
-        let mut result = Ok(());
         for i in 0..nr {
-            let r = self.set_pte(ptep + i * 8, pte_at(i), addr + i * PAGE_SIZE);
-            result = result.and(r);
+            // Inside the section just entered every write is queued: no error can come back.
+            self.set_pte(ptep + i * 8, pte_at(i), addr + i * PAGE_SIZE)?;
         }
-        result.and(self.leave())
+        self.leave()
     }
 
     fn queue_other(&mut self, entry: Entry) -> Result<(), MmuError> {
         if !self.is_active() {
             return self.issue_now(entry, &[], 0);
         }
-        let mut result = Ok(());
         if self.queue.n_entries == E {
-            result = self.flush_queue(FlushReason::Full);
+            self.flush_deferred(FlushReason::Full);
         }
         self.queue.push_entry(entry);
-        result
+        Ok(())
     }
 
     /// Outside lazy mode: one hypercall for one operation.
@@ -732,15 +760,34 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
         }
     }
 
+    /// Flush; keep any refusals for the call that ends the batching.
+    fn flush_deferred(&mut self, reason: FlushReason) {
+        let failure = self.flush_queue(reason);
+        self.pending.merge(&failure, reason);
+    }
+
+    /// Flush; report this flush's refusals and any kept from earlier flushes.
+    fn flush_reported(&mut self, reason: FlushReason) -> Result<(), MmuError> {
+        let failure = self.flush_queue(reason);
+        let mut all = core::mem::replace(&mut self.pending, Rejections::NONE);
+        all.merge(&failure, reason);
+        if all.count > 0 {
+            self.last_rejections = all;
+        }
+        match all.as_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Issue the queue: directly if it holds one entry, as one multicall otherwise; then check
-    /// every result, resubmit what a refused request held up, and empty the queue.
-    fn flush_queue(&mut self, reason: FlushReason) -> Result<(), MmuError> {
+    /// every result, reissue what a refused request held up, and empty the queue.
+    fn flush_queue(&mut self, reason: FlushReason) -> Rejections {
+        let mut failure = Rejections::NONE;
         if self.queue.is_empty() {
-            return Ok(());
+            return failure;
         }
         self.counters.flushes[reason as usize] += 1;
-        let mut failure = Rejections::NONE;
-        let mut rejected_multicall = None;
         let queue = &self.queue;
         let mut issuer = Issuer {
             hv: &mut self.hv,
@@ -760,8 +807,9 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
             match issuer.hv.multicall(entries, reqs, outcomes) {
                 Ok(()) => issuer.check_outcomes(entries, reqs, vas, outcomes, &mut failure),
                 Err(e) => {
-                    // Nothing ran: issue the entries one by one so that nothing is lost.
-                    rejected_multicall = Some(e);
+                    // Xen could not run the list as a whole: issue the entries one by one so
+                    // that nothing is lost.
+                    failure.multicall_refused = Some(e);
                     for (i, entry) in entries.iter().enumerate() {
                         issuer.issue_entry(i as u16, *entry, reqs, vas, &mut failure);
                     }
@@ -769,12 +817,8 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
             }
         }
         self.queue.clear();
-        self.record(&failure);
-        match (failure.as_failure(reason), rejected_multicall) {
-            (Some(f), _) => Err(MmuError::Flush(f)),
-            (None, Some(e)) => Err(MmuError::MulticallRejected(e)),
-            (None, None) => Ok(()),
-        }
+        self.counters.rejected += failure.count as u64;
+        failure
     }
 }
 
@@ -797,7 +841,9 @@ impl<H: Hypervisor> Issuer<'_, H> {
         }
     }
 
-    /// Look at each multicall entry's result; resubmit the requests behind a refused one.
+    /// Look at each multicall entry's result and report the refusals. If a refused
+    /// `mmu_update` request held up the requests behind it, reissue from there on in queue
+    /// order (see below).
     fn check_outcomes(
         &mut self,
         entries: &[Entry],
@@ -806,72 +852,53 @@ impl<H: Hypervisor> Issuer<'_, H> {
         outcomes: &[EntryOutcome],
         failure: &mut Rejections,
     ) {
-        // The first entry with requests a refusal held up, and the first of those requests.
-        let mut held_up = None;
-        for (i, (entry, outcome)) in entries.iter().zip(outcomes).enumerate() {
+        let requests_of = |entry: &Entry| match *entry {
+            Entry::MmuUpdate { first, count } => first as usize..first as usize + count as usize,
+            _ => 0..0,
+        };
+        // The first entry whose refusal held up requests behind it, and the first of those.
+        let held_up = entries.iter().zip(outcomes).position(|(entry, outcome)| {
+            outcome.result < 0 && (outcome.done as usize) + 1 < requests_of(entry).len()
+        });
+        let settled = held_up.map_or(entries.len(), |i| i + 1);
+        for (i, (entry, outcome)) in entries.iter().zip(outcomes).enumerate().take(settled) {
             if outcome.result >= 0 {
                 continue;
             }
             let error = XenError::from_errno(outcome.result);
-            match *entry {
-                Entry::MmuUpdate { first, count } => {
-                    let range = first as usize..first as usize + count as usize;
-                    let (reqs, vas) = (&reqs[range.clone()], &vas[range]);
-                    let done = (outcome.done as usize).min(reqs.len() - 1);
-                    failure.push(rejection(
-                        i as u16,
-                        done as u32,
-                        *entry,
-                        reqs[done],
-                        vas[done],
-                        error,
-                    ));
-                    if held_up.is_none() && done + 1 < reqs.len() {
-                        held_up = Some((i, done + 1));
-                    }
-                }
-                Entry::UpdateVaMapping { va, .. } => failure.push(rejection(
-                    i as u16,
-                    0,
-                    *entry,
-                    op_argument(entry),
-                    va,
-                    error,
-                )),
-                Entry::Mmuext(_) => {
-                    failure.push(rejection(i as u16, 0, *entry, op_argument(entry), 0, error))
-                }
-            }
+            let range = requests_of(entry);
+            let at = (outcome.done as usize).min(range.len().saturating_sub(1));
+            let (req, va) = match *entry {
+                Entry::MmuUpdate { .. } => (reqs[range.start + at], vas[range.start + at]),
+                Entry::UpdateVaMapping { va, .. } => (op_argument(entry), va),
+                Entry::Mmuext(_) => (op_argument(entry), 0),
+            };
+            failure.push(rejection(i as u16, at as u32, *entry, req, va, error));
         }
-        let Some((start, from)) = held_up else {
+        let Some(start) = held_up else {
             return;
         };
-        // Xen stopped at the refused request but ran the entries after it, so the held-up
-        // requests alone would land after them: a later write to the same entry would be undone
-        // and a later invalidation would come too early. Issue everything from the held-up
-        // requests on again, in queue order. Repeated writes store the same values and repeated
-        // flushes are harmless; refused requests are not retried, and pins and unpins
-        // (MMUEXT_PIN_L1_TABLE..=MMUEXT_UNPIN_TABLE), which cannot run twice, are not repeated.
-        for (i, (entry, outcome)) in entries.iter().zip(outcomes).enumerate().skip(start) {
-            let index = i as u16;
+        // Xen stopped that `mmu_update` at the refused request but ran every later entry, so
+        // the held-up requests alone would land after them: a later write to the same entry
+        // would be undone, a later TLB flush would come too early, and a later entry that
+        // failed only because the held-up requests had not run would stay failed. So reissue
+        // everything from the held-up requests on, one hypercall at a time, in queue order,
+        // and report only what fails now. Writes and flushes are idempotent. A pin or unpin
+        // that succeeded cannot run twice and is skipped; one that failed is retried.
+        let range = requests_of(&entries[start]);
+        let from = outcomes[start].done as usize + 1;
+        self.submit_updates(
+            start as u16,
+            entries[start],
+            &reqs[range.clone()],
+            &vas[range],
+            from,
+            failure,
+        );
+        for (i, (entry, outcome)) in entries.iter().zip(outcomes).enumerate().skip(start + 1) {
             match *entry {
-                Entry::MmuUpdate { first, count } => {
-                    let range = first as usize..first as usize + count as usize;
-                    let (reqs, vas) = (&reqs[range.clone()], &vas[range]);
-                    if i == start {
-                        self.submit_updates(index, *entry, reqs, vas, from, failure);
-                    } else if outcome.result < 0 {
-                        let refused = (outcome.done as usize).min(reqs.len() - 1);
-                        let (before, before_vas) = (&reqs[..refused], &vas[..refused]);
-                        self.submit_updates(index, *entry, before, before_vas, 0, failure);
-                        self.submit_updates(index, *entry, reqs, vas, refused + 1, failure);
-                    } else {
-                        self.submit_updates(index, *entry, reqs, vas, 0, failure);
-                    }
-                }
-                _ if outcome.result < 0 => {}
-                Entry::Mmuext(op) if op.cmd <= MMUEXT_UNPIN_TABLE => {}
-                _ => self.issue_entry(index, *entry, reqs, vas, failure),
+                Entry::Mmuext(op) if op.cmd <= MMUEXT_UNPIN_TABLE && outcome.result >= 0 => {}
+                _ => self.issue_entry(i as u16, *entry, reqs, vas, failure),
             }
         }
     }

@@ -419,23 +419,23 @@ fn a_read_flushes_only_if_that_entry_has_a_queued_write() {
     l.enter().unwrap();
     set(&mut l, &s, 5, 1).unwrap();
     set(&mut l, &s, 6, 2).unwrap();
-    assert_eq!(l.read_pte(s.pte_ptr(4)).unwrap(), 0);
-    assert_eq!(l.read_pte(s.pte_ptr(512 + 5)).unwrap(), 0);
+    assert_eq!(l.read_pte(s.pte_ptr(4)), 0);
+    assert_eq!(l.read_pte(s.pte_ptr(512 + 5)), 0);
     assert_eq!(calls(&l), 0, "no hazard, no flush");
-    assert_eq!(l.read_pte(s.pte_ptr(6)).unwrap(), s.pte_value(2));
+    assert_eq!(l.read_pte(s.pte_ptr(6)), s.pte_value(2));
     assert_eq!(calls(&l), 1, "the read of a queued entry flushed");
     assert_eq!(l.counters().flushes_for(FlushReason::ReadHazard), 1);
     assert!(l.is_active());
-    assert_eq!(l.read_pte(s.pte_ptr(6)).unwrap(), s.pte_value(2));
+    assert_eq!(l.read_pte(s.pte_ptr(6)), s.pte_value(2));
     assert_eq!(calls(&l), 1, "nothing queued any more");
     // A queued update_va_mapping may change any entry: every read flushes it first.
     l.update_va_mapping(s.va(9), s.pte_value(3), 0).unwrap();
-    assert_eq!(l.read_pte(s.pte_ptr(0)).unwrap(), 0);
+    assert_eq!(l.read_pte(s.pte_ptr(0)), 0);
     assert_eq!(calls(&l), 2);
     assert_eq!(live(&l, &s, 9), s.pte_value(3));
     // Queued pins and flushes change no entry.
     l.mmuext(tlb_flush()).unwrap();
-    l.read_pte(s.pte_ptr(9)).unwrap();
+    l.read_pte(s.pte_ptr(9));
     assert_eq!(calls(&l), 2);
     l.leave().unwrap();
     assert_eq!(l.counters().flushes_for(FlushReason::ReadHazard), 2);
@@ -1226,11 +1226,108 @@ fn no_hypercall_happens_between_enter_and_leave() {
     l.enter().unwrap();
     for slot in 0..40 {
         set(&mut l, &s, slot, slot % 32).unwrap();
-        l.read_pte(s.pte_ptr(slot + 100)).unwrap();
+        l.read_pte(s.pte_ptr(slot + 100));
     }
     l.mmuext(tlb_flush()).unwrap();
     assert_eq!(calls(&l), before);
     l.leave().unwrap();
     assert_eq!(calls(&l), before + 1);
     assert_eq!(l.hypervisor().log[before].requests().len(), 40);
+}
+
+// ---- Where refusals are reported, and replay after a refusal ----
+
+/// A refusal in a flush the caller did not ask for (full buffer, read hazard, nested leave) is
+/// reported by the call that ends the batching, not by whichever call triggered the flush.
+#[test]
+fn refusals_of_implicit_flushes_are_reported_where_batching_ends() {
+    let (mut l, s) = setup::<4, 4>(2, 32);
+    let table = pinned_l1(&mut l);
+    let bad = Space::pte(table, Space::DATA_FLAGS);
+    l.enter().unwrap();
+    l.set_pte(s.pte_ptr(0), bad, s.va(0)).unwrap();
+    for slot in 1..4 {
+        set(&mut l, &s, slot, slot).unwrap();
+    }
+    // The buffer is full: this write flushes the refused request, yet succeeds itself.
+    assert_eq!(set(&mut l, &s, 4, 4), Ok(()));
+    assert_eq!(l.counters().flushes_for(FlushReason::Full), 1);
+    // A nested section (what set_ptes() opens) ends without handing over the outer refusal.
+    assert_eq!(
+        l.set_ptes(s.va(8), s.pte_ptr(8), 2, |i| s.pte_value(8 + i as usize)),
+        Ok(())
+    );
+    let Err(MmuError::Flush(f)) = l.leave() else {
+        panic!("the outermost leave must report the refusal")
+    };
+    assert_eq!(
+        (f.count, f.reason, f.first.va),
+        (1, FlushReason::Full, s.va(0))
+    );
+    for slot in (1..5).chain(8..10) {
+        assert_eq!(live(&l, &s, slot), s.pte_value(slot), "slot {slot}");
+    }
+    // Reported once: the next section starts clean.
+    l.enter().unwrap();
+    set(&mut l, &s, 5, 5).unwrap();
+    assert_eq!(l.leave(), Ok(()));
+}
+
+/// A later entry that failed only because a refusal held up the requests before it is retried
+/// in queue order: the pin of a frame whose writable mapping the held-up request removes.
+#[test]
+fn an_entry_that_failed_because_of_held_up_requests_is_retried() {
+    let (mut l, s) = std_setup();
+    let table = pinned_l1(&mut l);
+    let bad = Space::pte(table, Space::DATA_FLAGS);
+    let frame = l.hypervisor_mut().alloc();
+    // The frame is mapped writable at slot 3: it cannot become a page table until unmapped.
+    l.set_pte(s.pte_ptr(3), Space::pte(frame, Space::DATA_FLAGS), s.va(3))
+        .unwrap();
+    l.enter().unwrap();
+    l.set_pte(s.pte_ptr(0), bad, s.va(0)).unwrap();
+    l.set_pte(s.pte_ptr(3), 0, s.va(3)).unwrap();
+    l.mmuext(mmuext_mfn(MMUEXT_PIN_L1_TABLE, frame)).unwrap();
+    let Err(MmuError::Flush(f)) = l.leave() else {
+        panic!("expected the refusal of slot 0")
+    };
+    assert_eq!((f.count, f.first.entry, f.first.request), (1, 0, 0), "{f}");
+    assert_eq!(live(&l, &s, 3), 0);
+    let info = l.hypervisor().frame_info(frame).expect("frame exists");
+    assert!(info.pinned && info.is_table(1), "{info:?}");
+    l.hypervisor().check_refcounts();
+}
+
+/// Entries before the held-up requests are settled by the multicall; their refusals are
+/// reported once, and they are not issued again.
+#[test]
+fn entries_before_a_held_up_refusal_are_not_reissued() {
+    let (mut l, s) = std_setup();
+    let table = pinned_l1(&mut l);
+    let bad = Space::pte(table, Space::DATA_FLAGS);
+    l.enter().unwrap();
+    l.update_va_mapping(s.va(7), bad, 0).unwrap();
+    set(&mut l, &s, 1, 1).unwrap();
+    l.set_pte(s.pte_ptr(2), bad, s.va(2)).unwrap();
+    set(&mut l, &s, 3, 3).unwrap();
+    let Err(MmuError::Flush(f)) = l.leave() else {
+        panic!("expected refusals")
+    };
+    let update_va_mappings = l
+        .hypervisor()
+        .log
+        .iter()
+        .flat_map(|c| match c {
+            Call::Multicall { calls, .. } => calls.clone(),
+            c => vec![c.clone()],
+        })
+        .filter(|c| matches!(c, Call::UpdateVaMapping { .. }))
+        .count();
+    assert_eq!(f.count, 2, "{f}");
+    let listed: Vec<(u16, u32)> = l.last_rejections().map(|r| (r.entry, r.request)).collect();
+    assert_eq!(listed, vec![(0, 0), (1, 1)]);
+    assert_eq!(update_va_mappings, 1, "issued once, in the multicall");
+    for slot in [1, 3] {
+        assert_eq!(live(&l, &s, slot), s.pte_value(slot));
+    }
 }

@@ -48,7 +48,7 @@ pub fn l1_entry(va: u64) -> Result<Option<PtePtr>, MmError> {
     check_va(va)?;
     let mut table = l4_mfn();
     for level in [4, 3, 2] {
-        let e = pte::ptep_get(entry_ptr(table, index(va, level)))?;
+        let e = pte::ptep_get(entry_ptr(table, index(va, level)));
         if !e.is_present() {
             return Ok(None);
         }
@@ -63,7 +63,7 @@ pub fn l1_entry(va: u64) -> Result<Option<PtePtr>, MmError> {
 /// The L1 entry value that maps `va` (`None` if no L1 table covers it).
 pub fn lookup(va: u64) -> Result<Option<Pte>, MmError> {
     match l1_entry(va)? {
-        Some(p) => Ok(Some(pte::ptep_get(p)?)),
+        Some(p) => Ok(Some(pte::ptep_get(p))),
         None => Ok(None),
     }
 }
@@ -76,7 +76,7 @@ pub fn ensure_l1(va: u64) -> Result<PtePtr, MmError> {
     let mut table = l4_mfn();
     for level in [4, 3, 2] {
         let slot = entry_ptr(table, index(va, level));
-        let e = pte::ptep_get(slot)?;
+        let e = pte::ptep_get(slot);
         if e.is_present() {
             if e.flags().contains(PageTableFlags::HUGE_PAGE) {
                 return Err(MmError::HugePage { va, level });

@@ -203,8 +203,8 @@ pub fn set_ptes(addr: u64, ptep: PtePtr, pte: Pte, nr: u64) -> Result<(), MmuErr
 }
 
 /// Read an entry, flushing first if a queued write may change it.
-pub fn ptep_get(ptep: PtePtr) -> Result<Pte, MmuError> {
-    this_cpu().read_pte(ptep.0).map(Pte)
+pub fn ptep_get(ptep: PtePtr) -> Pte {
+    Pte(this_cpu().read_pte(ptep.0))
 }
 
 /// Queue (or issue) an `mmuext_op`.

@@ -232,7 +232,7 @@ pub fn move_ptes(ctx: &Context) -> TestOutcome {
     let (raw0, c0) = (issued(), pte::counters());
     pte::enter();
     for i in 0..N {
-        let old = pte::ptep_get(src_ptes[i as usize]).map_err(failed)?;
+        let old = pte::ptep_get(src_ptes[i as usize]);
         pte::set_pte(src_ptes[i as usize], Pte::NONE, src + i * PAGE_SIZE).map_err(failed)?;
         pte::set_ptes(dst + i * PAGE_SIZE, dst_ptes[i as usize], old, 1).map_err(failed)?;
         ensure!(pte::is_active(), "nested leave ended lazy mode at page {i}");
