@@ -106,8 +106,10 @@ fn banner(info: &xen::BootInfo) {
     println!("  cmdline    \"{}\"", info.cmdline);
 }
 
-/// Ask Xen to end the domain; never returns.
+/// Ask Xen to end the domain; never returns. The console is drained first (boundedly) so that
+/// the last lines, e.g. the result line, are not lost with the domain.
 pub fn shutdown(reason: u32) -> ! {
+    crate::console::drain(1000);
     let err = calls::shutdown(reason);
     crate::console::emergency_print(format_args!("SCHEDOP_shutdown refused: {err}\n"));
     loop {

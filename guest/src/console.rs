@@ -8,7 +8,7 @@ use hypercalls::abi::XenconsInterface;
 use hypercalls::calls;
 
 enum Backend {
-    /// Nothing set up yet: output is dropped (only possible before `init`).
+    /// Nothing set up yet: output goes to `console_io`, which a release Xen drops for a domU.
     None,
     /// `console_io(CONSOLEIO_write)`: the initial domain's console.
     Hypervisor,
@@ -60,11 +60,38 @@ pub fn describe() -> &'static str {
     }
 }
 
+/// Wait (yielding the CPU, at most `max_yields` times) until the console backend has consumed
+/// everything written. True when it has; always true for `console_io`, which is synchronous.
+pub fn drain(max_yields: u32) -> bool {
+    let ring = match CONSOLE.lock().backend {
+        Backend::Ring { ring, evtchn } => {
+            let _ = calls::evtchn_send(evtchn);
+            ring
+        }
+        _ => return true,
+    };
+    for _ in 0..=max_yields {
+        // SAFETY: `ring` maps the console page; the backend advances `out_cons` concurrently.
+        let (cons, prod) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*ring).out_cons),
+                core::ptr::read_volatile(&raw const (*ring).out_prod),
+            )
+        };
+        if cons == prod {
+            return true;
+        }
+        calls::yield_cpu();
+    }
+    false
+}
+
 impl Console {
     fn write_bytes(&mut self, bytes: &[u8]) {
         match self.backend {
-            Backend::None => {}
-            Backend::Hypervisor => {
+            // Before the console is set up (e.g. a panic while validating start_info) try Xen's
+            // own console: a debug build of Xen shows a domU's output there too.
+            Backend::None | Backend::Hypervisor => {
                 if calls::console_write(bytes).is_ok() {
                     BYTES_ACCEPTED.fetch_add(bytes.len() as u64, Ordering::SeqCst);
                 }

@@ -127,7 +127,16 @@ pub fn run_from_cmdline(line: &str) -> Verdict {
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     for t in &selected {
         println!("[ RUN      ] {}", t.name);
-        match (t.run)(&ctx) {
+        let outcome = (t.run)(&ctx);
+        // A test that fails half-way may leave a lazy section open: close it here so the next
+        // test starts clean, and count it against the test that left it.
+        let outcome = match crate::mm::pte::reset_lazy_state() {
+            None => outcome,
+            Some(left) => outcome.and(Err(TestFail::Failed(alloc::format!(
+                "left lazy mode open ({left}); closed it"
+            )))),
+        };
+        match outcome {
             Ok(()) => {
                 passed += 1;
                 println!("[       OK ] {}", t.name);

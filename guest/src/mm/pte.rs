@@ -151,6 +151,23 @@ pub fn counters() -> Counters {
     this_cpu().counters()
 }
 
+/// Close any open lazy section and pause (flushing), for the test runner between tests.
+/// Returns what was open, if anything.
+pub fn reset_lazy_state() -> Option<alloc::string::String> {
+    let mut l = this_cpu();
+    let (depth, paused) = (l.depth(), l.is_paused());
+    if depth == 0 && !paused {
+        return None;
+    }
+    while l.is_paused() {
+        let _ = l.resume();
+    }
+    while l.depth() > 0 {
+        let _ = l.leave();
+    }
+    Some(alloc::format!("depth {depth}, paused {paused}"))
+}
+
 /// Choose the nesting model (`lazy=strict` restores the pre-fix `BUG` on nested enter).
 pub fn set_strict(strict: bool) {
     this_cpu().set_strict(strict);

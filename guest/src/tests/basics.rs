@@ -33,6 +33,11 @@ pub fn console(_: &Context) -> TestOutcome {
     let accepted = crate::console::bytes_accepted() - before;
     let expected = 40 * (line.len() as u64 + 4);
     ensure_eq!(accepted, expected, "bytes accepted by the console backend");
+    // The backend must actually consume them (for the ring: out_cons catches up with out_prod).
+    ensure!(
+        crate::console::drain(10_000),
+        "the console backend did not consume the output"
+    );
     Ok(())
 }
 
