@@ -29,7 +29,10 @@ CRASH_RES = [
     re.compile(r"Unhandled: vec"),
 ]
 
-# QEMU 7.2 TCG + Xen 4.17: see README ("qemu CPU flags") for why each one is there.
+# QEMU 7.2 TCG + Xen 4.17. -smap: otherwise a PV kernel (ring 3) that takes an exception dies in
+# Xen's create_bounce_frame (an old TCG SMAP emulation bug). family=23,model=1: with TCG's default
+# family 15 the PV shim writes an AMD MSR the outer Xen refuses and panics. -monitor: Xen idles
+# with MWAIT hints, which #GP on a second CPU.
 TCG_CPU = "max,family=23,model=1,-smap,-monitor"
 
 
@@ -42,6 +45,25 @@ class Outcome:
 
     def tail(self, n=25):
         return "\n".join(self.lines[-n:])
+
+
+def _die_with_parent():
+    """In the qemu child: get SIGKILL when the harness dies, however it dies."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def _exit_on_termination_signals():
+    """Turn SIGTERM/SIGHUP into SystemExit so `finally` blocks kill qemu (a cancelled CI job)."""
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, stop)
 
 
 def kvm_works(qemu="qemu-system-x86_64"):
@@ -85,9 +107,11 @@ def run_qemu(args, timeout, expect=(), echo=True, prefix="", done_re=RESULT_RE,
     A line matching `done_re` ends the run (after `grace` seconds for trailing output); so does a
     line matching a crash pattern. `on_line(line)` may return a verdict string to end the run.
     """
+    _exit_on_termination_signals()
     start = time.monotonic()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=_die_with_parent)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     fd = proc.stdout.fileno()
