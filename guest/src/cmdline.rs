@@ -13,6 +13,9 @@
 use alloc::vec::Vec;
 use core::fmt;
 
+/// Most operations a stress program may have: the program lives on the kernel's 4 MiB heap.
+pub const MAX_STRESS_OPS: u32 = 50_000;
+
 /// What the command line asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options<'a> {
@@ -124,13 +127,21 @@ pub fn parse(cmdline: &str) -> Result<Options<'_>, CmdlineError<'_>> {
                 });
             }
             ("seed", Some(v)) => o.seed = number(key, v, "an integer", |_: &u64| true)?,
-            ("ops", Some(v)) => o.ops = number(key, v, "an integer >= 1", |n: &u32| *n >= 1)?,
+            ("ops", Some(v)) => {
+                o.ops = number(key, v, "an integer from 1 to 50000", |n: &u32| {
+                    (1..=MAX_STRESS_OPS).contains(n)
+                })?
+            }
             ("depth", Some(v)) => {
                 o.depth = number(key, v, "an integer from 1 to 64", |n: &u32| {
                     (1..=64).contains(n)
                 })?
             }
-            ("reps", Some(v)) => o.reps = number(key, v, "an integer >= 1", |n: &u32| *n >= 1)?,
+            ("reps", Some(v)) => {
+                o.reps = number(key, v, "an integer from 1 to 1000", |n: &u32| {
+                    (1..=1000).contains(n)
+                })?
+            }
             _ => return Err(CmdlineError::UnknownOption(word)),
         }
     }
@@ -172,6 +183,9 @@ mod tests {
             parse("list=yes").unwrap_err(),
             CmdlineError::UnknownOption("list=yes")
         );
+        assert!(parse("ops=50000").is_ok());
+        let e = parse("ops=50001").unwrap_err();
+        assert!(e.to_string().contains("1 to 50000"), "{e}");
         let e = parse("depth=0").unwrap_err();
         assert!(
             e.to_string().contains("'0'") && e.to_string().contains("depth"),

@@ -179,6 +179,22 @@ pub fn alloc_run(n: u64) -> Result<alloc::vec::Vec<Frame>, MmError> {
 /// Give a frame back. It must be mapped read-write in the linear map (not a page table) and
 /// no longer mapped or used anywhere else.
 pub fn free(frame: Frame) {
+    // Handing back a boot frame or a page table would corrupt the kernel: a BUG, caught here.
+    let first = xen::boot_info().first_free_pfn;
+    let mapped_end = FRAMES.lock().mapped_end_pfn;
+    assert!(
+        (first..mapped_end).contains(&frame.pfn),
+        "BUG: frames::free of pfn {:#x}, not an allocatable frame ({first:#x}..{mapped_end:#x})",
+        frame.pfn
+    );
+    let linear = pagetable::lookup(frame.va()).ok().flatten();
+    assert!(
+        linear.is_some_and(|p| p
+            .flags()
+            .contains(x86_64::structures::paging::PageTableFlags::WRITABLE)),
+        "BUG: frames::free of pfn {:#x}, which is not mapped writable (a page table?)",
+        frame.pfn
+    );
     let mut f = FRAMES.lock();
     // SAFETY: the caller hands the frame over; its linear mapping is read-write.
     unsafe { core::ptr::write(frame.va() as *mut u64, f.free_head) };

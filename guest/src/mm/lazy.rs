@@ -322,6 +322,12 @@ pub enum SetPtesRule {
     CrossesTable { first_index: u64, nr: u64 },
     /// `ptep` must be the entry that maps `addr`.
     PtepMismatch { addr_index: u64, ptep_index: u64 },
+    /// The frames `first_pfn..first_pfn + nr` must all belong to the domain.
+    FramesBeyondDomain {
+        first_pfn: u64,
+        nr: u64,
+        nr_pages: u64,
+    },
 }
 
 impl fmt::Display for SetPtesRule {
@@ -337,6 +343,15 @@ impl fmt::Display for SetPtesRule {
             SetPtesRule::CrossesTable { first_index, nr } => write!(
                 f,
                 "set_ptes: {nr} entries from index {first_index} cross the end of the L1 table (512 entries)"
+            ),
+            SetPtesRule::FramesBeyondDomain {
+                first_pfn,
+                nr,
+                nr_pages,
+            } => write!(
+                f,
+                "set_ptes: frames {first_pfn:#x}..{:#x} run past the domain's {nr_pages:#x} pages",
+                first_pfn + nr
             ),
             SetPtesRule::PtepMismatch {
                 addr_index,

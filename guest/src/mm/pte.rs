@@ -11,7 +11,7 @@ use hypercalls::abi::{MMUEXT_INVLPG_LOCAL, MMUEXT_TLB_FLUSH_LOCAL};
 use hypercalls::abi::{MmuextOp, UVMF_INVLPG, mmuext_plain, mmuext_va};
 use x86_64::structures::paging::PageTableFlags;
 
-use super::lazy::{Counters, LazyMmu, MmuError};
+use super::lazy::{Counters, LazyMmu, MmuError, SetPtesRule};
 use super::xen_hv::XenHv;
 use crate::xen;
 
@@ -215,6 +215,18 @@ pub fn set_pte(ptep: PtePtr, pte: Pte, va: u64) -> Result<(), MmuError> {
 /// Linux's generic `set_ptes()`: `nr` consecutive entries from `ptep` (mapping `addr` onwards),
 /// the frame advancing by one page each step, inside its own lazy section.
 pub fn set_ptes(addr: u64, ptep: PtePtr, pte: Pte, nr: u64) -> Result<(), MmuError> {
+    // The frames must exist before anything is queued (the P2M lookups would fail mid-way).
+    if pte.is_present() {
+        let (first_pfn, nr_pages) = (pte.pfn(), xen::boot_info().nr_pages);
+        if first_pfn >= nr_pages || nr > nr_pages - first_pfn {
+            let rule = SetPtesRule::FramesBeyondDomain {
+                first_pfn,
+                nr,
+                nr_pages,
+            };
+            return Err(MmuError::SetPtes(rule));
+        }
+    }
     let r = this_cpu().set_ptes(addr, ptep.0, nr, |i| pte.next_pfn(i).0);
     bug_on_misuse(r)
 }

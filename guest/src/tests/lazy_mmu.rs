@@ -471,6 +471,7 @@ pub fn api_misuse(_: &Context) -> TestOutcome {
     }
     let raw0 = issued();
     let last = ptes[0].offset(511);
+    let nr_pages = crate::xen::boot_info().nr_pages;
     let cases = [
         (pte::set_ptes(va, ptes[0], pte0, 0), SetPtesRule::ZeroCount),
         (
@@ -489,6 +490,14 @@ pub fn api_misuse(_: &Context) -> TestOutcome {
             SetPtesRule::PtepMismatch {
                 addr_index: 0,
                 ptep_index: 1,
+            },
+        ),
+        (
+            pte::set_ptes(va, ptes[0], Pte::from_pfn(nr_pages - 1, KERNEL_RW), 2),
+            SetPtesRule::FramesBeyondDomain {
+                first_pfn: nr_pages - 1,
+                nr: 2,
+                nr_pages,
             },
         ),
     ];
