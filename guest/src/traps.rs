@@ -151,7 +151,9 @@ pub fn install() {
             address,
         };
     }
-    calls::set_trap_table(table).expect("set_trap_table refused the table");
+    // SAFETY: every entry points at a stub emitted by `trap_stubs!`, which takes Xen's
+    // exception frame and returns through the iret hypercall.
+    unsafe { calls::set_trap_table(table) }.expect("set_trap_table refused the table");
 }
 
 /// A fault that a probe turned into a value.

@@ -89,10 +89,15 @@ pub fn xen_version_string(cmd: u32, buf: &mut [u8]) -> Result<(), XenError> {
 }
 
 /// `mmu_update(reqs, count, &done, domid)`.
-pub fn mmu_update(reqs: &[MmuUpdate], domid: DomId) -> Result<(), PartialFailure> {
+///
+/// # Safety
+/// The requests change live page tables: they must not unmap or remap memory that Rust code
+/// still references (the stack, the image, borrowed buffers).
+pub unsafe fn mmu_update(reqs: &[MmuUpdate], domid: DomId) -> Result<(), PartialFailure> {
     let count = checked_count(reqs.len()).map_err(|error| PartialFailure { done: 0, error })?;
     let mut done: u32 = 0;
-    // SAFETY: Xen reads `count` requests from a live slice and writes `done`.
+    // SAFETY: Xen reads `count` requests from a live slice and writes `done`; the caller vouches
+    // for what the requests change.
     let ret = unsafe {
         hypercall(
             HYPERVISOR_MMU_UPDATE,
@@ -110,10 +115,15 @@ pub fn mmu_update(reqs: &[MmuUpdate], domid: DomId) -> Result<(), PartialFailure
 }
 
 /// `mmuext_op(ops, count, &done, domid)`.
-pub fn mmuext_op(ops: &[MmuextOp], domid: DomId) -> Result<(), PartialFailure> {
+///
+/// # Safety
+/// The operations (pins, base-pointer switches, flushes) must leave the address space the
+/// kernel runs in intact.
+pub unsafe fn mmuext_op(ops: &[MmuextOp], domid: DomId) -> Result<(), PartialFailure> {
     let count = checked_count(ops.len()).map_err(|error| PartialFailure { done: 0, error })?;
     let mut done: u32 = 0;
-    // SAFETY: Xen reads `count` ops from a live slice and writes `done`.
+    // SAFETY: Xen reads `count` ops from a live slice and writes `done`; the caller vouches for
+    // what the ops change.
     let ret = unsafe {
         hypercall(
             HYPERVISOR_MMUEXT_OP,
@@ -180,12 +190,16 @@ pub fn evtchn_send(port: u32) -> Result<(), XenError> {
 }
 
 /// `set_trap_table(table)`: the table must end with an all-zero entry.
-pub fn set_trap_table(table: &'static [trap_info]) -> Result<(), XenError> {
+///
+/// # Safety
+/// Every non-zero entry's address must be an entry stub that handles Xen's exception frame.
+pub unsafe fn set_trap_table(table: &'static [trap_info]) -> Result<(), XenError> {
     match table.last() {
         Some(t) if t.address == 0 && t.vector == 0 => {}
         _ => return Err(XenError::Inval),
     }
-    // SAFETY: Xen reads the zero-terminated table, which is 'static.
+    // SAFETY: Xen reads the zero-terminated table, which is 'static; the caller vouches for the
+    // handler addresses.
     let ret = unsafe { hypercall(HYPERVISOR_SET_TRAP_TABLE, table.as_ptr() as u64, 0, 0, 0, 0) };
     XenError::check(ret).map(drop)
 }

@@ -4,6 +4,10 @@
 //! PTE values are machine values (Xen PV page tables hold MFNs); [`Pte::from_pfn`] translates a
 //! pseudo-physical frame through the P2M, and `set_ptes` advances frame by frame in
 //! pseudo-physical space, as Linux's `pte_next_pfn()` does on Xen PV.
+//!
+//! Contract (as for Linux's `set_pte`): these calls change live mappings, which no type system
+//! can check; a caller only maps and unmaps addresses it owns (fresh frames, its own regions),
+//! never memory that other code still references.
 
 use core::fmt;
 

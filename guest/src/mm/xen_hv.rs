@@ -14,18 +14,24 @@ pub struct XenHv;
 /// Most multicall entries one flush can carry (the largest queue in use).
 const MAX_ENTRIES: usize = DEFAULT_ENTRIES;
 
+// Every hypercall below changes live page tables on behalf of `mm::pte`, the kernel's only
+// page-table write path. Its contract (see that module) is Linux's: the kernel code calling it
+// owns the addresses it maps and unmaps (fresh frames becoming page tables, the heap while it
+// is built, test and benchmark regions), so no change pulls memory out from under a live
+// reference. The safety comments below rest on that contract.
 impl Hypervisor for XenHv {
     fn mmu_update(&mut self, reqs: &[MmuUpdate]) -> Result<(), PartialFailure> {
-        calls::mmu_update(reqs, DOMID_SELF)
+        // SAFETY: requests come from mm::pte's callers, under the contract above.
+        unsafe { calls::mmu_update(reqs, DOMID_SELF) }
     }
 
     fn mmuext_op(&mut self, ops: &[MmuextOp]) -> Result<(), PartialFailure> {
-        calls::mmuext_op(ops, DOMID_SELF)
+        // SAFETY: pins and TLB flushes from mm::pte; it never switches base pointers.
+        unsafe { calls::mmuext_op(ops, DOMID_SELF) }
     }
 
     fn update_va_mapping(&mut self, va: u64, val: u64, flags: u64) -> Result<(), XenError> {
-        // SAFETY: the lazy-MMU API's callers (mm::pte) only remap pages nothing borrows: fresh
-        // frames becoming page tables, test and heap regions being built.
+        // SAFETY: remaps from mm::pte's callers, under the contract above.
         unsafe { calls::update_va_mapping(va, val, flags) }
     }
 
@@ -58,7 +64,8 @@ impl Hypervisor for XenHv {
         }
         let n = entries.len();
         // SAFETY: every pointer in `calls_buf` points into `reqs`, `entries` or `done`, all of
-        // which outlive the call; the counts match the slices they point into.
+        // which outlive the call; the counts match the slices they point into; what the entries
+        // change falls under the contract above.
         unsafe { calls::multicall(&mut calls_buf[..n])? };
         for i in 0..n {
             outcomes[i] = EntryOutcome {
@@ -71,6 +78,11 @@ impl Hypervisor for XenHv {
 
     fn read_pte(&self, ptr: u64) -> u64 {
         let pfn = xen::mfn_to_pfn(ptr >> 12);
+        let nr_pages = xen::boot_info().nr_pages;
+        assert!(
+            pfn < nr_pages,
+            "read_pte: machine address {ptr:#x} is not in a frame of this domain (pfn {pfn:#x})"
+        );
         let va = xen::pfn_to_va(pfn) + (ptr & 0xff8);
         // SAFETY: page-table frames are in the linear map (boot tables in the boot area, new
         // ones come from the frame allocator), mapped read-only; the read has no side effects.
