@@ -215,10 +215,6 @@ impl Shadow {
         self.values[slot]
     }
 
-    pub fn values(&self) -> &[u64] {
-        &self.values
-    }
-
     fn set(&mut self, slot: usize, val: u64) {
         self.values[slot] = val;
     }

@@ -44,6 +44,9 @@ pub struct TrapFrame {
 
 macro_rules! trap_stubs {
     ($($vec:literal $kind:ident),* $(,)?) => {
+        /// Vectors with an entry stub, plus the terminating (0, 0) pair.
+        const TRAP_TABLE_LEN: usize = [$($vec),*].len() + 1;
+
         global_asm!(
             ".macro trap_noerr vec",
             "trap_entry_\\vec:",
@@ -97,7 +100,7 @@ trap_stubs!(
 
 unsafe extern "C" {
     /// Pairs of (vector, entry address), ending with (0, 0).
-    static trap_entry_table: [[u64; 2]; 19];
+    static trap_entry_table: [[u64; 2]; TRAP_TABLE_LEN];
 }
 
 const VECTOR_NAMES: [&str; 20] = [
@@ -130,12 +133,12 @@ pub fn vector_name(vector: u64) -> &'static str {
         .unwrap_or("unknown vector")
 }
 
-static mut TRAP_TABLE: [trap_info; 19] = [trap_info {
+static mut TRAP_TABLE: [trap_info; TRAP_TABLE_LEN] = [trap_info {
     vector: 0,
     flags: 0,
     cs: 0,
     address: 0,
-}; 19];
+}; TRAP_TABLE_LEN];
 
 /// Register the trap table with Xen. #BP is allowed from any ring (flags = DPL 3).
 pub fn install() {

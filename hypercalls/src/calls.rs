@@ -203,9 +203,3 @@ pub unsafe fn set_trap_table(table: &'static [trap_info]) -> Result<(), XenError
     let ret = unsafe { hypercall(HYPERVISOR_SET_TRAP_TABLE, table.as_ptr() as u64, 0, 0, 0, 0) };
     XenError::check(ret).map(drop)
 }
-
-/// Address of the `iret` stub: a trap handler returns by jumping here with the `iret` frame on
-/// its stack (it is not a function call).
-pub fn iret_stub_addr() -> u64 {
-    hypercall_page_addr() + HYPERVISOR_IRET as u64 * 32
-}

@@ -44,8 +44,9 @@ pub unsafe fn hypercall(nr: u32, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64) ->
     let entry = hypercall_page_addr() + nr as u64 * 32;
     let ret: i64;
     // SAFETY: the caller vouches for the arguments. The stub pushes rcx/r11 on our stack (so no
-    // `nostack`), `syscall` clobbers rcx/r11, and Xen may clobber every argument register; Xen
-    // may read and write any memory we handed it, hence the implicit memory clobber.
+    // `nostack`) and restores them itself; they are declared clobbered anyway so that nothing
+    // depends on the stub's layout. Xen may clobber every argument register, and may read and
+    // write any memory we handed it, hence the implicit memory clobber.
     unsafe {
         asm!(
             "call {entry}",

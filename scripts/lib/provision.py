@@ -129,12 +129,6 @@ def ensure_base():
     return ensure_xen()
 
 
-if __name__ == "__main__":
-    paths = ensure_base()
-    for k, v in paths.items():
-        print(f"{k}={v}")
-
-
 def resolve_dependency(meta, prefix):
     """The package a metapackage (`linux-image-amd64`) currently depends on, e.g. the versioned
     kernel image. Falls back to the newest matching .deb already cached when apt has no answer.
@@ -185,3 +179,9 @@ def extract_from_deb(deb, dest, members):
         raise SystemExit(f"dpkg-deb --fsys-tarfile {deb} failed")
     stamp.write_text(key)
     return dest
+
+
+if __name__ == "__main__":
+    paths = ensure_base()
+    for k, v in paths.items():
+        print(f"{k}={v}")

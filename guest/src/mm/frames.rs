@@ -39,7 +39,6 @@ struct FrameAllocator {
     nr_pages: u64,
     /// Returned frames, linked through their first word (pfn + 1; 0 ends the list).
     free_head: u64,
-    free_count: u64,
     /// A growth is under way: its own allocations come from the reserve.
     growing: bool,
     allocated: u64,
@@ -50,7 +49,6 @@ static FRAMES: spin::Mutex<FrameAllocator> = spin::Mutex::new(FrameAllocator {
     mapped_end_pfn: 0,
     nr_pages: 0,
     free_head: 0,
-    free_count: 0,
     growing: false,
     allocated: 0,
 });
@@ -58,12 +56,8 @@ static FRAMES: spin::Mutex<FrameAllocator> = spin::Mutex::new(FrameAllocator {
 /// What the allocator has done so far.
 #[derive(Clone, Copy, Debug)]
 pub struct FrameStats {
-    pub first_free_pfn: u64,
-    pub next_pfn: u64,
     pub mapped_end_pfn: u64,
-    pub nr_pages: u64,
     pub allocated: u64,
-    pub free_listed: u64,
 }
 
 /// Find where the boot mapping ends and start handing out frames after Xen's boot structures.
@@ -93,12 +87,8 @@ pub fn init(info: &xen::BootInfo) -> Result<(), MmError> {
 pub fn stats() -> FrameStats {
     let f = FRAMES.lock();
     FrameStats {
-        first_free_pfn: xen::boot_info().first_free_pfn,
-        next_pfn: f.next_pfn,
         mapped_end_pfn: f.mapped_end_pfn,
-        nr_pages: f.nr_pages,
         allocated: f.allocated,
-        free_listed: f.free_count,
     }
 }
 
@@ -143,7 +133,6 @@ pub fn alloc_zeroed() -> Result<Frame, MmError> {
         let pfn = f.free_head - 1;
         // SAFETY: a listed frame is ours, mapped read-write, and holds the link in word 0.
         f.free_head = unsafe { core::ptr::read(xen::pfn_to_va(pfn) as *const u64) };
-        f.free_count -= 1;
         pfn
     } else if f.next_pfn < f.mapped_end_pfn {
         f.next_pfn += 1;
@@ -199,7 +188,6 @@ pub fn free(frame: Frame) {
     // SAFETY: the caller hands the frame over; its linear mapping is read-write.
     unsafe { core::ptr::write(frame.va() as *mut u64, f.free_head) };
     f.free_head = frame.pfn + 1;
-    f.free_count += 1;
     f.allocated -= 1;
 }
 

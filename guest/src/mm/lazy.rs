@@ -41,7 +41,9 @@ pub trait Hypervisor {
     fn update_va_mapping(&mut self, va: u64, val: u64, flags: u64) -> Result<(), XenError>;
     /// One `multicall` of `entries` (whose `mmu_update` requests live in `reqs`). Xen runs every
     /// entry; the implementation writes each entry's return value and done count to `outcomes`.
-    /// `Err` means Xen rejected the multicall itself and ran nothing.
+    /// `Err` means Xen could not run the list as a whole (e.g. the marshalling buffer is too
+    /// small, or Xen failed to read the list part-way); the core then issues every entry on its
+    /// own, repeating any that already ran, which is harmless for writes and flushes.
     fn multicall(
         &mut self,
         entries: &[Entry],
@@ -172,10 +174,6 @@ pub struct Counters {
 impl Counters {
     pub fn flushes_for(&self, reason: FlushReason) -> u64 {
         self.flushes[reason as usize]
-    }
-
-    pub fn total_flushes(&self) -> u64 {
-        self.flushes.iter().sum()
     }
 
     /// What happened between `earlier` (a snapshot of the same counters) and `self`.
@@ -599,10 +597,6 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
 
     pub fn counters(&self) -> Counters {
         self.counters
-    }
-
-    pub fn reset_counters(&mut self) {
-        self.counters = Counters::default();
     }
 
     pub fn hypervisor(&self) -> &H {

@@ -809,12 +809,12 @@ fn a_refused_update_va_mapping_in_a_multicall_names_its_address() {
 const TABLES: usize = 3;
 const FRAMES: usize = 600;
 
-/// Checks run during a stress program. `a`: the live tables equal the shadow after every
-/// leave. `b`: every hypercall is one the rules allow, and no other.
+/// Checks run during a stress program. `check_tables`: the live tables equal the shadow
+/// after every leave. `check_hypercalls`: every hypercall is one the rules allow, and no other.
 struct Checker<'a> {
     space: &'a Space,
-    a: bool,
-    b: bool,
+    check_tables: bool,
+    check_hypercalls: bool,
     mark: usize,
     active: bool,
     paused: bool,
@@ -822,11 +822,11 @@ struct Checker<'a> {
 }
 
 impl<'a> Checker<'a> {
-    fn new(space: &'a Space, a: bool, b: bool) -> Self {
+    fn new(space: &'a Space, check_tables: bool, check_hypercalls: bool) -> Self {
         Checker {
             space,
-            a,
-            b,
+            check_tables,
+            check_hypercalls,
             mark: 0,
             active: false,
             paused: false,
@@ -908,14 +908,14 @@ impl<const E: usize, const R: usize> Observer<Model, E, R> for Checker<'_> {
         lazy: &mut Lazy<E, R>,
         _: &Shadow,
     ) -> Result<(), String> {
-        if self.b {
+        if self.check_hypercalls {
             self.check_calls::<R>(op, &lazy.hypervisor().log[self.mark..])?;
         }
         Ok(())
     }
 
     fn after_leave(&mut self, lazy: &mut Lazy<E, R>, shadow: &Shadow) -> Result<(), String> {
-        if !self.a {
+        if !self.check_tables {
             return Ok(());
         }
         stress::compare(lazy, self.space, shadow, self.space.slots())?;
@@ -1017,37 +1017,37 @@ proptest! {
     #![proptest_config(config(96))]
 
     #[test]
-    fn prop_a_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+    fn tables_match_shadow_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
         tables_match_after_every_leave::<4, 16>(seed, ops, depth)?;
     }
 
     #[test]
-    fn prop_a_linux_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+    fn tables_match_shadow_linux_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
         tables_match_after_every_leave::<LINUX_ENTRIES, LINUX_REQUESTS>(seed, ops, depth)?;
     }
 
     #[test]
-    fn prop_a_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+    fn tables_match_shadow_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
         tables_match_after_every_leave::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth)?;
     }
 
     #[test]
-    fn prop_b_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+    fn no_stray_hypercalls_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
         no_hypercalls_inside_lazy_sections::<4, 16>(seed, ops, depth)?;
     }
 
     #[test]
-    fn prop_b_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+    fn no_stray_hypercalls_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
         no_hypercalls_inside_lazy_sections::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth)?;
     }
 
     #[test]
-    fn prop_c_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+    fn hypercalls_bounded_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
         hypercalls_are_bounded::<4, 16>(seed, ops, depth)?;
     }
 
     #[test]
-    fn prop_c_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+    fn hypercalls_bounded_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
         hypercalls_are_bounded::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth)?;
     }
 }

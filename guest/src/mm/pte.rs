@@ -103,11 +103,6 @@ impl PtePtr {
     pub fn offset(self, n: u64) -> PtePtr {
         PtePtr(self.0 + 8 * n)
     }
-
-    /// Index of the entry in its table.
-    pub fn index(self) -> u64 {
-        (self.0 & 0xfff) / 8
-    }
 }
 
 /// A fatal misuse of the lazy-MMU API is a kernel bug, as `BUG()` is in Linux.
