@@ -84,7 +84,10 @@ pub fn validate_start_info(
     let image_end = crate::boot::image_end();
     let image_pages = (image_end - VIRT_BASE) / PAGE_SIZE;
     if nr_pages < image_pages || nr_pages > (u64::MAX - VIRT_BASE) / PAGE_SIZE {
-        return Err(StartInfoError("nr_pages is smaller than the image or larger than the 2 GiB linear map at VIRT_BASE", nr_pages));
+        return Err(StartInfoError(
+            "nr_pages is smaller than the image or larger than the 2 GiB linear map at VIRT_BASE",
+            nr_pages,
+        ));
     }
     let mapped_end = VIRT_BASE + nr_pages * PAGE_SIZE;
     let in_domain =
