@@ -26,8 +26,8 @@ use hypercalls::multicall;
 use crate::cmdline::Options;
 use crate::mm::frames::{self, Frame};
 use crate::mm::lazy::{
-    Counters, DEFAULT_ENTRIES, DEFAULT_REQUESTS, LINUX_ENTRIES, LINUX_REQUESTS, LazyMmu, MmuError,
-    Queue,
+    Counters, DEFAULT_ENTRIES, DEFAULT_REQUESTS, FlushReason, LINUX_ENTRIES, LINUX_REQUESTS,
+    LazyMmu, MmuError, Queue,
 };
 use crate::mm::pagetable;
 use crate::mm::pte::{self, KERNEL_RW, Pte, PtePtr};
@@ -175,6 +175,9 @@ fn eager(s: &Setup, n: u64, clear: bool) -> Outcome {
 /// one multicall of `mmu_update` + TLB flush for the unmap. Counts what it issues in `s`.
 fn lower_bound(s: &Setup, n: u64, clear: bool) -> Outcome {
     let refused = |e: hypercalls::XenError| MmuError::MulticallRejected(e);
+    let mut c = s.lower_bound_counters.get();
+    c.requests += n;
+    s.lower_bound_counters.set(c);
     if !clear {
         // SAFETY: the requests map the benchmark's own range to its own frames.
         return unsafe { calls::mmu_update(&s.map_reqs[..n as usize], DOMID_SELF) }
@@ -285,7 +288,8 @@ pub fn run(options: &Options) -> Verdict {
                 return Verdict::Failure;
             }
             let mut cycles = Vec::new();
-            let (mut hypercalls, mut multicalls, mut entries) = (0, 0, 0);
+            let mut hypercalls = 0;
+            let mut d = Counters::default();
             for _ in 0..options.reps {
                 let (raw0, c0) = (issued(), counters(strategy, &setup, &linux));
                 let t0 = rdtsc();
@@ -299,13 +303,27 @@ pub fn run(options: &Options) -> Verdict {
                 let c1 = counters(strategy, &setup, &linux);
                 cycles.push(t1 - t0);
                 hypercalls = issued() - raw0;
-                let d = c1.since(&c0);
-                (multicalls, entries) = (d.multicalls, d.multicall_entries);
+                d = c1.since(&c0);
             }
             let med = median(&mut cycles);
+            // Flushes by reason, e.g. "full:63,leave:2"; "-" when the strategy has no batch.
+            let mut flushes = alloc::string::String::new();
+            for r in FlushReason::ALL {
+                let k = d.flushes_for(r);
+                if k > 0 {
+                    let sep = if flushes.is_empty() { "" } else { "," };
+                    flushes += &alloc::format!("{sep}{}:{k}", r.name());
+                }
+            }
+            if flushes.is_empty() {
+                flushes.push('-');
+            }
             println!(
-                "BENCH-ROW strategy={} n={n} hypercalls={hypercalls} multicalls={multicalls} entries={entries} cycles={med} pte_writes={}",
+                "BENCH-ROW strategy={} n={n} hypercalls={hypercalls} multicalls={} entries={} requests={} flushes={flushes} cycles={med} pte_writes={}",
                 strategy.name(),
+                d.multicalls,
+                d.multicall_entries,
+                d.requests,
                 2 * n
             );
         }
