@@ -2,16 +2,24 @@
 //! stress test.
 //!
 //! [`generate`] makes a balanced program (every lazy section and pause closed, properly nested);
-//! [`run`] executes it through the [`LazyMmu`] API while keeping a [`Shadow`]: the value every
-//! slot would hold if each write took effect the moment it was made. Callers compare the live
-//! page tables with the shadow after every leave, when the batching promises they agree.
+//! [`generate_with`] can add writes Xen must refuse and queued TLB flushes. [`run`] executes a
+//! program through the [`LazyMmu`] API while keeping a [`Shadow`]: the value every slot would
+//! hold if each write took effect the moment it was made (a refused write changes nothing).
+//! Callers compare the live page tables with the shadow after every leave, when the batching
+//! promises they agree. [`run`] also checks that every refusal is reported exactly once, by the
+//! call that ends the batching.
 
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::mm::lazy::{ENTRIES_PER_TABLE, FlushReason, Hypervisor, LazyMmu};
+use hypercalls::XenError;
+use hypercalls::abi::{MMUEXT_INVLPG_LOCAL, MMUEXT_TLB_FLUSH_LOCAL, mmuext_plain, mmuext_va};
+
+use crate::mm::lazy::{
+    ENTRIES_PER_TABLE, FlushReason, Hypervisor, LazyMmu, MAX_REPORTED, MmuError, Rejected,
+};
 
 const TABLE: usize = ENTRIES_PER_TABLE as usize;
 
@@ -82,6 +90,33 @@ pub enum Op {
     Read {
         slot: usize,
     },
+    /// Write [`Layout::bad_value`] to `slot`: Xen refuses it, the slot keeps its value.
+    Bad {
+        slot: usize,
+    },
+    /// `MMUEXT_TLB_FLUSH_LOCAL` through [`LazyMmu::mmuext`].
+    FlushTlb,
+    /// `MMUEXT_INVLPG_LOCAL` of the slot's address through [`LazyMmu::mmuext`].
+    Invlpg {
+        slot: usize,
+    },
+}
+
+/// What [`generate_with`] may put into a program besides [`generate`]'s ops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GenOptions {
+    /// [`Op::Bad`]: writes Xen refuses.
+    pub refusals: bool,
+    /// [`Op::FlushTlb`] and [`Op::Invlpg`]: queued entries that are not `mmu_update`s.
+    pub tlb_ops: bool,
+}
+
+impl GenOptions {
+    /// Every extra op.
+    pub const ALL: GenOptions = GenOptions {
+        refusals: true,
+        tlb_ops: true,
+    };
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -93,8 +128,22 @@ enum Open {
 /// A random balanced program of about `ops` operations: lazy sections nest up to `max_depth`
 /// (pauses count towards the nesting too and can nest themselves), every section and pause is
 /// closed in LIFO order by the end, `SetPtes` ranges stay inside one 512-slot table and below
-/// `slots`/`frames`. The program has exactly `ops` operations.
+/// `slots`/`frames`. The program has exactly `ops` operations. No refused writes and no TLB ops:
+/// [`generate_with`] with the default options.
 pub fn generate(seed: u64, ops: usize, max_depth: u32, slots: usize, frames: usize) -> Vec<Op> {
+    generate_with(seed, ops, max_depth, slots, frames, GenOptions::default())
+}
+
+/// [`generate`], with the extra ops `opts` asks for. With none, a seed gives the same program as
+/// [`generate`] always did (the extra ops take rolls that otherwise become `SetPte`s).
+pub fn generate_with(
+    seed: u64,
+    ops: usize,
+    max_depth: u32,
+    slots: usize,
+    frames: usize,
+    opts: GenOptions,
+) -> Vec<Op> {
     let mut rng = Rng::new(seed);
     let mut program = Vec::with_capacity(ops);
     let mut open: Vec<Open> = Vec::new();
@@ -148,6 +197,28 @@ pub fn generate(seed: u64, ops: usize, max_depth: u32, slots: usize, frames: usi
                 }
                 Op::SetPtes { slot, nr, frame }
             }
+            // Recent slots, so that refusals land between queued writes to the same entry; now
+            // and then a burst, so that one report holds more refusals than it lists.
+            60..=62 if opts.refusals && slots > 0 => {
+                let burst = if rng.chance(1, 8) {
+                    4 + rng.below(12)
+                } else {
+                    1
+                };
+                let room = ops - program.len() - open.len();
+                for _ in 1..burst.min(room) {
+                    let slot = pick_slot(&mut rng, &recent);
+                    remember(&mut recent, slot);
+                    program.push(Op::Bad { slot });
+                }
+                let slot = pick_slot(&mut rng, &recent);
+                remember(&mut recent, slot);
+                Op::Bad { slot }
+            }
+            63..=65 if opts.tlb_ops => Op::FlushTlb,
+            66..=69 if opts.tlb_ops && slots > 0 => Op::Invlpg {
+                slot: pick_slot(&mut rng, &recent),
+            },
             _ if slots > 0 && frames > 0 => {
                 let slot = pick_slot(&mut rng, &recent);
                 remember(&mut recent, slot);
@@ -159,6 +230,15 @@ pub fn generate(seed: u64, ops: usize, max_depth: u32, slots: usize, frames: usi
             _ => Op::Flush,
         };
         program.push(op);
+        // Linux invalidates a page after changing its entry: write, invlpg, write, invlpg, ...
+        // alternates entry kinds, which is what fills the entry buffer.
+        if let Op::SetPte { slot, .. } | Op::Clear { slot } | Op::Bad { slot } = op
+            && opts.tlb_ops
+            && program.len() + open.len() < ops
+            && rng.chance(1, 4)
+        {
+            program.push(Op::Invlpg { slot });
+        }
     }
     while let Some(o) = open.pop() {
         program.push(match o {
@@ -189,6 +269,9 @@ pub trait Layout {
     /// Xen stores it (a 64-bit PV guest's L1 entries get `_PAGE_USER` and, for kernel mappings,
     /// `_PAGE_GUEST_KERNEL` added), so that reading it back compares equal.
     fn pte_value(&self, frame: usize) -> u64;
+    /// An entry Xen refuses in every slot for the whole program, e.g. a writable mapping of one
+    /// of the page-table frames (`get_page_from_l1e`: -EBUSY). Used by [`Op::Bad`].
+    fn bad_value(&self) -> u64;
 }
 
 /// The eager reference: what every slot must hold once the queue is flushed.
@@ -231,6 +314,25 @@ pub struct RunStats {
     pub batched_writes: usize,
     /// Of those, the ones issued at once.
     pub immediate_writes: usize,
+    /// Of all writes, the [`Op::Bad`] ones Xen must refuse.
+    pub refused_writes: usize,
+    /// Refusals the lazy-MMU calls reported (the sum of the errors' counts); equals
+    /// `refused_writes` at the end of a successful run.
+    pub reported_refusals: u64,
+    /// Of those, the ones reported by outermost leaves, by `flush()`, by pauses, and by the
+    /// refused write itself (outside lazy mode).
+    pub reported_by_leave: u64,
+    pub reported_by_flush: u64,
+    pub reported_by_pause: u64,
+    pub reported_at_once: u64,
+    /// Most refusals one call reported (beyond [`MAX_REPORTED`] only the count tells).
+    pub most_reported_by_one_call: u64,
+    /// Xen's error for the refused writes (one value, one reason: the runner fails if a listed
+    /// refusal gives another).
+    pub refusal_error: Option<XenError>,
+    /// TLB flushes and invalidations, and of those the ones queued in an active section.
+    pub tlb_ops: usize,
+    pub batched_tlb_ops: usize,
     pub reads: usize,
     /// Reads of a slot with a queued write (which must flush first).
     pub hazard_reads: usize,
@@ -244,8 +346,9 @@ pub struct RunStats {
     pub max_depth: u32,
     /// Hypercalls the lazy-MMU layer made during the run.
     pub hypercalls: u64,
-    /// Of those, the ones made by single writes, clears and reads inside active lazy sections:
-    /// only full buffers and read hazards may cause them.
+    /// Of those, the ones made by single writes, clears, reads and TLB ops inside active lazy
+    /// sections: only full buffers and read hazards (and the reissues after a refusal in
+    /// their flushes) may cause them.
     pub lazy_hypercalls: u64,
     /// Non-empty flushes during the run, indexed like [`FlushReason::ALL`].
     pub flushes_by_reason: [u64; 6],
@@ -297,7 +400,13 @@ where
 }
 
 /// Run `program` through `lazy`, calling `after_leave` after every leave (and every `SetPtes`).
-/// Errors: a lazy-MMU call failed, a read disagreed with the shadow, or `after_leave` failed.
+/// Errors: a lazy-MMU call failed (other than by reporting refusals where the rule allows), a
+/// read disagreed with the shadow, a refusal was reported wrongly, or `after_leave` failed.
+///
+/// The reporting rule: every refused write is reported exactly once, by the call that ends the
+/// batching it was made in: the outermost leave, an explicit `flush()`, a `pause()` that
+/// flushes, or outside lazy mode the write itself. A write, read, nested leave or `set_ptes()`
+/// inside a section reports nothing. `lazy` must have no unreported refusals when the run starts.
 pub fn run<H: Hypervisor, const E: usize, const R: usize>(
     lazy: &mut LazyMmu<H, E, R>,
     layout: &impl Layout,
@@ -326,53 +435,72 @@ pub fn run_with<H: Hypervisor, const E: usize, const R: usize>(
     // Slots of the queued requests, oldest first (what the queue holds is always the newest
     // `queued_requests()` writes; requests queued before the run are unknown).
     let mut queued: Vec<usize> = vec![usize::MAX; lazy.queued_requests()];
+    let mut refusals = Refusals::default();
 
     for (index, op) in program.iter().enumerate() {
         let fail = |e: &dyn core::fmt::Display| format!("op {index} ({op:?}): {e}");
         observer.before_op(index, op, lazy, &shadow);
         let active = lazy.is_active();
         let before = lazy.counters().hypercalls;
-        match *op {
+        // Does this call end the batching, i.e. must it report every refusal not yet reported?
+        let (result, ends_batching) = match *op {
             Op::Enter => {
-                lazy.enter().map_err(|e| fail(&e))?;
                 stats.enters += 1;
+                (lazy.enter(), false)
             }
             Op::Leave => {
                 if active && lazy.depth() > 1 {
                     stats.nested_leaves += 1;
                 }
-                lazy.leave().map_err(|e| fail(&e))?;
                 stats.leaves += 1;
+                let outermost = active && lazy.depth() == 1;
+                (lazy.leave(), outermost)
             }
             Op::SetPte { slot, frame } => {
-                write(lazy, layout, &mut shadow, slot, layout.pte_value(frame))
-                    .map_err(|e| fail(&e))?;
                 count_write(&mut stats, &mut queued, active, slot, 1);
+                let val = layout.pte_value(frame);
+                shadow.set(slot, val);
+                (
+                    lazy.set_pte(layout.pte_ptr(slot), val, layout.va(slot)),
+                    !active,
+                )
             }
             Op::Clear { slot } => {
-                write(lazy, layout, &mut shadow, slot, 0).map_err(|e| fail(&e))?;
                 count_write(&mut stats, &mut queued, active, slot, 1);
+                shadow.set(slot, 0);
+                (
+                    lazy.set_pte(layout.pte_ptr(slot), 0, layout.va(slot)),
+                    !active,
+                )
+            }
+            Op::Bad { slot } => {
+                count_write(&mut stats, &mut queued, active, slot, 1);
+                stats.refused_writes += 1;
+                let (ptr, val, va) = (layout.pte_ptr(slot), layout.bad_value(), layout.va(slot));
+                refusals.unreported.push((va, ptr, val));
+                (lazy.set_pte(ptr, val, va), !active)
             }
             Op::SetPtes { slot, nr, frame } => {
                 for i in 0..nr {
                     shadow.set(slot + i, layout.pte_value(frame + i));
                 }
                 let batched = !lazy.is_paused();
-                lazy.set_ptes(layout.va(slot), layout.pte_ptr(slot), nr as u64, |i| {
-                    layout.pte_value(frame + i as usize)
-                })
-                .map_err(|e| fail(&e))?;
                 count_write(&mut stats, &mut queued, batched, slot, nr);
+                let result = lazy.set_ptes(layout.va(slot), layout.pte_ptr(slot), nr as u64, |i| {
+                    layout.pte_value(frame + i as usize)
+                });
+                // Outside lazy mode (and not paused) its own leave is the outermost one.
+                (result, !active && batched)
             }
             Op::Flush => {
-                lazy.flush().map_err(|e| fail(&e))?;
                 stats.flushes += 1;
+                (lazy.flush(), true)
             }
             Op::Pause => {
-                lazy.pause().map_err(|e| fail(&e))?;
                 stats.pauses += 1;
+                (lazy.pause(), active)
             }
-            Op::Resume => lazy.resume().map_err(|e| fail(&e))?,
+            Op::Resume => (lazy.resume(), false),
             Op::Read { slot } => {
                 stats.reads += 1;
                 if active && queued.contains(&slot) {
@@ -386,10 +514,42 @@ pub fn run_with<H: Hypervisor, const E: usize, const R: usize>(
                         layout.pte_ptr(slot)
                     )));
                 }
+                (Ok(()), false)
             }
-        }
+            Op::FlushTlb | Op::Invlpg { .. } => {
+                stats.tlb_ops += 1;
+                if active {
+                    stats.batched_tlb_ops += 1;
+                }
+                let tlb = match *op {
+                    Op::Invlpg { slot } => mmuext_va(MMUEXT_INVLPG_LOCAL, layout.va(slot)),
+                    _ => mmuext_plain(MMUEXT_TLB_FLUSH_LOCAL),
+                };
+                (lazy.mmuext(tlb), !active)
+            }
+        };
+        let reported = refusals
+            .settle(lazy, result, ends_batching)
+            .map_err(|e| fail(&e))?;
+        stats.reported_refusals += reported;
+        *match op {
+            Op::Leave | Op::SetPtes { .. } => &mut stats.reported_by_leave,
+            Op::Flush => &mut stats.reported_by_flush,
+            Op::Pause => &mut stats.reported_by_pause,
+            _ => &mut stats.reported_at_once,
+        } += reported;
+        stats.most_reported_by_one_call = stats.most_reported_by_one_call.max(reported);
         let made = lazy.counters().hypercalls - before;
-        if active && matches!(op, Op::SetPte { .. } | Op::Clear { .. } | Op::Read { .. }) {
+        let single = matches!(
+            op,
+            Op::SetPte { .. }
+                | Op::Clear { .. }
+                | Op::Bad { .. }
+                | Op::Read { .. }
+                | Op::FlushTlb
+                | Op::Invlpg { .. }
+        );
+        if active && single {
             stats.lazy_hypercalls += made;
         }
         let q = lazy.queued_requests();
@@ -407,6 +567,16 @@ pub fn run_with<H: Hypervisor, const E: usize, const R: usize>(
             .after_op(index, op, lazy, &shadow)
             .map_err(|e| fail(&e))?;
     }
+    if !refusals.unreported.is_empty() {
+        return Err(format!(
+            "{} refused write(s), {} reported: {} never reported",
+            stats.refused_writes,
+            stats.reported_refusals,
+            refusals.unreported.len()
+        ));
+    }
+
+    stats.refusal_error = refusals.error;
 
     let end = lazy.counters();
     stats.hypercalls = end.hypercalls - start.hypercalls;
@@ -416,24 +586,93 @@ pub fn run_with<H: Hypervisor, const E: usize, const R: usize>(
     Ok(stats)
 }
 
-/// One past the highest slot `op` touches.
-fn op_end(op: &Op) -> usize {
-    match *op {
-        Op::SetPte { slot, .. } | Op::Clear { slot } | Op::Read { slot } => slot + 1,
-        Op::SetPtes { slot, nr, .. } => slot + nr,
-        _ => 0,
+/// The refused writes made and not yet reported, and the check of each call's result against
+/// the reporting rule.
+#[derive(Default)]
+struct Refusals {
+    /// `(va, pte maddr, value)` of each.
+    unreported: Vec<(u64, u64, u64)>,
+    /// Xen's error for the first refusal listed.
+    error: Option<XenError>,
+}
+
+impl Refusals {
+    /// Check what a call returned; how many refusals it reported. A call that ends the batching
+    /// must report every refused write not yet reported and nothing else; any other call must
+    /// succeed.
+    fn settle<H: Hypervisor, const E: usize, const R: usize>(
+        &mut self,
+        lazy: &LazyMmu<H, E, R>,
+        result: Result<(), MmuError>,
+        ends_batching: bool,
+    ) -> Result<u64, String> {
+        let (count, listed): (u64, Vec<Rejected>) = match result {
+            // The refusals so far stay for the call that ends the batching.
+            Ok(()) if !ends_batching => return Ok(0),
+            Ok(()) => (0, Vec::new()),
+            Err(MmuError::Flush(f)) if ends_batching => {
+                let listed: Vec<Rejected> = lazy.last_rejections().copied().collect();
+                if listed.first() != Some(&f.first) {
+                    return Err(format!(
+                        "the error's first refusal is not the first listed ({} listed): {f}",
+                        listed.len()
+                    ));
+                }
+                (f.count as u64, listed)
+            }
+            Err(MmuError::Immediate(r)) if ends_batching => (1, vec![r]),
+            Err(e @ (MmuError::Flush(_) | MmuError::Immediate(_))) => {
+                return Err(format!(
+                    "refusal reported by a call that does not end the batching: {e}"
+                ));
+            }
+            Err(e) => return Err(format!("{e}")),
+        };
+        if count != self.unreported.len() as u64 {
+            return Err(format!(
+                "{count} refusal(s) reported, {} refused write(s) not yet reported",
+                self.unreported.len()
+            ));
+        }
+        if listed.len() != self.unreported.len().min(MAX_REPORTED) {
+            return Err(format!(
+                "{} refusal(s) listed for {count} reported",
+                listed.len()
+            ));
+        }
+        for r in &listed {
+            let Some(i) = self
+                .unreported
+                .iter()
+                .position(|&w| w == (r.va, r.ptr, r.val))
+            else {
+                return Err(format!("reported refusal matches no refused write: {r}"));
+            };
+            self.unreported.swap_remove(i);
+            match self.error {
+                Some(e) if e != r.error => {
+                    return Err(format!("refused with {e} before, now: {r}"));
+                }
+                _ => self.error = Some(r.error),
+            }
+        }
+        // The count covers those beyond the listed ones.
+        self.unreported.clear();
+        Ok(count)
     }
 }
 
-fn write<H: Hypervisor, const E: usize, const R: usize>(
-    lazy: &mut LazyMmu<H, E, R>,
-    layout: &impl Layout,
-    shadow: &mut Shadow,
-    slot: usize,
-    val: u64,
-) -> Result<(), crate::mm::lazy::MmuError> {
-    shadow.set(slot, val);
-    lazy.set_pte(layout.pte_ptr(slot), val, layout.va(slot))
+/// One past the highest slot `op` touches.
+fn op_end(op: &Op) -> usize {
+    match *op {
+        Op::SetPte { slot, .. }
+        | Op::Clear { slot }
+        | Op::Read { slot }
+        | Op::Bad { slot }
+        | Op::Invlpg { slot } => slot + 1,
+        Op::SetPtes { slot, nr, .. } => slot + nr,
+        _ => 0,
+    }
 }
 
 fn count_write(

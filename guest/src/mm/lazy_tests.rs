@@ -2,8 +2,8 @@
 
 use hypercalls::XenError;
 use hypercalls::abi::{
-    MMUEXT_INVLPG_LOCAL, MMUEXT_PIN_L1_TABLE, MMUEXT_TLB_FLUSH_LOCAL, MmuextOp, UVMF_INVLPG,
-    mmuext_mfn, mmuext_plain, mmuext_va,
+    MMUEXT_INVLPG_LOCAL, MMUEXT_PIN_L1_TABLE, MMUEXT_TLB_FLUSH_LOCAL, MMUEXT_UNPIN_TABLE, MmuextOp,
+    UVMF_INVLPG, mmuext_mfn, mmuext_plain, mmuext_va,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -13,7 +13,7 @@ use super::lazy::{
     LINUX_REQUESTS, LazyMmu, MmuError, Rejected, SetPtesRule,
 };
 use super::model::{Call, FrameInfo, Model, PageType, RW, Space};
-use crate::stress::{self, Layout, Observer, Op, Shadow};
+use crate::stress::{self, GenOptions, Layout, Observer, Op, Shadow};
 
 type Lazy<const E: usize, const R: usize> = LazyMmu<Model, E, R>;
 
@@ -818,7 +818,13 @@ struct Checker<'a> {
     mark: usize,
     active: bool,
     paused: bool,
+    /// The queue before the op: requests, entries, and whether the last entry is an
+    /// `mmu_update` (a write then coalesces into it).
     queued: usize,
+    entries: usize,
+    tail_update: bool,
+    /// Hypercalls made again after a refusal held up later requests, on top of the batches.
+    reissues: usize,
 }
 
 impl<'a> Checker<'a> {
@@ -831,66 +837,191 @@ impl<'a> Checker<'a> {
             active: false,
             paused: false,
             queued: 0,
+            entries: 0,
+            tail_update: false,
+            reissues: 0,
         }
     }
 
     /// The hypercalls `op` made (`calls`), against what it may make given the state before it.
-    fn check_calls<const R: usize>(&self, op: &Op, calls: &[Call]) -> Result<(), String> {
-        let n = calls.len();
-        let sizes: Vec<usize> = calls.iter().map(|c| c.requests().len()).collect();
-        // Only page-table writes are queued, so everything coalesces into single entries.
-        if calls.iter().any(|c| !matches!(c, Call::MmuUpdate { .. })) {
-            return Err(format!("unexpected kind of hypercall: {calls:?}"));
-        }
-        let flushes_queue = |n: usize| {
-            if self.queued == 0 {
-                n == 0
-            } else {
-                n == 1 && sizes[0] == self.queued
-            }
+    fn check_calls<const E: usize, const R: usize>(
+        &mut self,
+        op: &Op,
+        calls: &[Call],
+    ) -> Result<(), String> {
+        let reissues = &mut self.reissues;
+        let mut flush = |calls: &[Call], entries: usize, requests: usize| {
+            let made = flush_calls(calls, entries, requests)?;
+            *reissues += made.saturating_sub(1);
+            Ok::<usize, String>(made)
         };
-        let ok = match *op {
-            Op::Enter | Op::Resume => n == 0,
-            Op::Leave | Op::Flush => flushes_queue(n),
-            Op::Pause => {
-                if self.active {
-                    flushes_queue(n)
+        let (entries, queued) = (self.entries, self.queued);
+        let one = |want: &dyn Fn(&Call) -> bool| match calls {
+            [c] if want(c) => Ok(1),
+            _ => Err("expected exactly one hypercall for the op itself".to_string()),
+        };
+        let made = match *op {
+            Op::Enter | Op::Resume => 0,
+            // While paused the queue is empty and leave does nothing.
+            Op::Leave | Op::Flush => flush(calls, entries, queued)?,
+            Op::Pause if self.active => flush(calls, entries, queued)?,
+            Op::Pause => 0,
+            // In a lazy section a write flushes only when the batch has no room for it.
+            Op::SetPte { .. } | Op::Clear { .. } | Op::Bad { .. } if self.active => {
+                if queued < R && (self.tail_update || entries < E) {
+                    0
                 } else {
-                    n == 0
+                    flush(calls, entries, queued)?
                 }
             }
-            // In a lazy section a single write makes a hypercall only when the buffer is full.
-            Op::SetPte { .. } | Op::Clear { .. } if self.active => {
-                n == 0 || (n == 1 && self.queued == R && sizes[0] == R)
+            Op::FlushTlb | Op::Invlpg { .. } if self.active => {
+                if entries < E {
+                    0
+                } else {
+                    flush(calls, entries, queued)?
+                }
             }
-            Op::SetPte { .. } | Op::Clear { .. } => n == 1 && sizes[0] == 1,
-            Op::SetPtes { nr, .. } if self.paused => n == nr && sizes.iter().all(|&k| k == 1),
-            // Full buffers, then its own leave flushes the rest.
+            Op::SetPte { .. } | Op::Clear { .. } | Op::Bad { .. } => {
+                one(&|c| matches!(c, Call::MmuUpdate { reqs, .. } if reqs.len() == 1))?
+            }
+            Op::FlushTlb => one(
+                &|c| matches!(c, Call::MmuextOp { ops, .. } if ops == &[(MMUEXT_TLB_FLUSH_LOCAL, 0)]),
+            )?,
+            Op::Invlpg { slot } => {
+                let va = self.space.va(slot);
+                one(
+                    &|c| matches!(c, Call::MmuextOp { ops, .. } if ops == &[(MMUEXT_INVLPG_LOCAL, va)]),
+                )?
+            }
+            // Paused: one hypercall per entry.
+            Op::SetPtes { nr, .. } if self.paused => {
+                if !calls
+                    .iter()
+                    .all(|c| matches!(c, Call::MmuUpdate { reqs, .. } if reqs.len() == 1))
+                {
+                    return Err(format!("a paused set_ptes() batched: {calls:?}"));
+                }
+                nr
+            }
+            // A flush whenever the batch has no room for the next request, then its own leave
+            // flushes the rest.
             Op::SetPtes { nr, .. } => {
-                let total = self.queued + nr;
-                n == total.div_ceil(R)
-                    && sizes[..n - 1].iter().all(|&k| k == R)
-                    && sizes.iter().sum::<usize>() == total
+                let (mut e, mut q, mut tail) = (entries, queued, self.tail_update);
+                let mut made = 0;
+                for _ in 0..nr {
+                    if !(q < R && (tail || e < E)) {
+                        made += flush(&calls[made..], e, q)?;
+                        (e, q, tail) = (0, 0, false);
+                    }
+                    if !tail {
+                        e += 1;
+                        tail = true;
+                    }
+                    q += 1;
+                }
+                made + flush(&calls[made..], e, q)?
             }
             // A read flushes only a batch holding a write to the entry it reads.
-            Op::Read { slot } if self.active => {
+            Op::Read { slot } if self.active && !calls.is_empty() => {
                 let ptr = self.space.pte_ptr(slot);
-                n == 0
-                    || (n == 1
-                        && sizes[0] == self.queued
-                        && calls[0].requests().iter().any(|&(p, _)| p & !7 == ptr))
+                if !calls[0].requests().iter().any(|&(p, _)| p & !7 == ptr) {
+                    return Err(format!("a read of {ptr:#x} flushed: {:?}", calls[0]));
+                }
+                flush(calls, entries, queued)?
             }
-            Op::Read { .. } => n == 0,
+            Op::Read { .. } => 0,
         };
-        if ok {
+        if made == calls.len() {
             Ok(())
         } else {
+            let sizes: Vec<usize> = calls.iter().map(|c| c.requests().len()).collect();
             Err(format!(
-                "hypercalls not allowed here (active {}, paused {}, {} queued): {sizes:?} requests",
-                self.active, self.paused, self.queued
+                "hypercalls not allowed here (active {}, paused {}, {queued} requests in {entries} entries queued): {sizes:?} requests: {calls:?}",
+                self.active, self.paused
             ))
         }
     }
+}
+
+/// Check that `calls` begin with the flush of a batch of `entries` entries holding `requests`
+/// requests, and return how many calls that flush made: the batch itself (one multicall, or the
+/// plain hypercall for a single entry), then, only if a refused request held up the requests
+/// behind it, everything from those on again in queue order, one hypercall each (with another
+/// `mmu_update` after each refusal that holds up more). Pins that succeeded are not repeated.
+fn flush_calls(calls: &[Call], entries: usize, requests: usize) -> Result<usize, String> {
+    if entries == 0 {
+        return Ok(0);
+    }
+    let batch = match calls.first() {
+        Some(Call::Multicall { calls, result: 0 }) if entries > 1 => calls.clone(),
+        Some(c @ (Call::MmuUpdate { .. } | Call::MmuextOp { .. })) if entries == 1 => {
+            vec![c.clone()]
+        }
+        c => {
+            return Err(format!(
+                "expected the flush of {entries} entries ({requests} requests), found {c:?}"
+            ));
+        }
+    };
+    let total: usize = batch.iter().map(|c| c.requests().len()).sum();
+    let plain = batch
+        .iter()
+        .all(|c| matches!(c, Call::MmuUpdate { .. } | Call::MmuextOp { .. }));
+    if batch.len() != entries || total != requests || !plain {
+        return Err(format!(
+            "expected a batch of {entries} entries and {requests} requests, found {batch:?}"
+        ));
+    }
+    let holds_up = |c: &Call| matches!(c, Call::MmuUpdate { reqs, result, done } if *result < 0 && *done as usize + 1 < reqs.len());
+    let Some(at) = batch.iter().position(holds_up) else {
+        return Ok(1);
+    };
+    let Call::MmuUpdate { reqs, done, .. } = &batch[at] else {
+        unreachable!()
+    };
+    let mut replay = vec![Call::MmuUpdate {
+        reqs: reqs[*done as usize + 1..].to_vec(),
+        result: 0,
+        done: 0,
+    }];
+    for c in &batch[at + 1..] {
+        match c {
+            Call::MmuextOp { ops, result, .. }
+                if *result >= 0 && ops.iter().all(|&(cmd, _)| cmd <= MMUEXT_UNPIN_TABLE) => {}
+            c => replay.push(c.clone()),
+        }
+    }
+    let mut made = 1;
+    for mut want in replay {
+        loop {
+            let found = calls.get(made);
+            made += 1;
+            match (&want, found) {
+                (Call::MmuUpdate { reqs: w, .. }, Some(Call::MmuUpdate { reqs, result, done }))
+                    if w == reqs =>
+                {
+                    if *result < 0 && *done as usize + 1 < reqs.len() {
+                        // Refused again before its last request: the rest goes once more.
+                        want = Call::MmuUpdate {
+                            reqs: reqs[*done as usize + 1..].to_vec(),
+                            result: 0,
+                            done: 0,
+                        };
+                        continue;
+                    }
+                }
+                (Call::MmuextOp { ops: w, .. }, Some(Call::MmuextOp { ops, .. })) if w == ops => {}
+                _ => {
+                    return Err(format!(
+                        "after a held-up refusal in {:?}, expected the replay of {want:?}, found {found:?}",
+                        batch[at]
+                    ));
+                }
+            }
+            break;
+        }
+    }
+    Ok(made)
 }
 
 impl<const E: usize, const R: usize> Observer<Model, E, R> for Checker<'_> {
@@ -899,6 +1030,7 @@ impl<const E: usize, const R: usize> Observer<Model, E, R> for Checker<'_> {
         self.active = lazy.is_active();
         self.paused = lazy.is_paused();
         self.queued = lazy.queued_requests();
+        self.entries = lazy.queued_entries();
     }
 
     fn after_op(
@@ -909,8 +1041,14 @@ impl<const E: usize, const R: usize> Observer<Model, E, R> for Checker<'_> {
         _: &Shadow,
     ) -> Result<(), String> {
         if self.check_hypercalls {
-            self.check_calls::<R>(op, &lazy.hypervisor().log[self.mark..])?;
+            self.check_calls::<E, R>(op, &lazy.hypervisor().log[self.mark..])?;
         }
+        self.tail_update = match op {
+            _ if lazy.queued_entries() == 0 => false,
+            Op::SetPte { .. } | Op::Clear { .. } | Op::Bad { .. } if self.active => true,
+            Op::FlushTlb | Op::Invlpg { .. } if self.active => false,
+            _ => self.tail_update,
+        };
         Ok(())
     }
 
@@ -919,83 +1057,101 @@ impl<const E: usize, const R: usize> Observer<Model, E, R> for Checker<'_> {
             return Ok(());
         }
         stress::compare(lazy, self.space, shadow, self.space.slots())?;
-        // Every entry of every table, untouched ones included (they must still be clear).
+        // The entries beyond those the shadow covers must still be clear.
         let model = lazy.hypervisor();
-        for slot in 0..self.space.slots() {
-            let want = if slot < shadow.len() {
-                shadow.get(slot)
-            } else {
-                0
-            };
+        for slot in shadow.len()..self.space.slots() {
             let found = model.read_pte(self.space.pte_ptr(slot));
-            if found != want {
-                return Err(format!("slot {slot}: {found:#x}, expected {want:#x}"));
+            if found != 0 {
+                return Err(format!("slot {slot}: {found:#x}, expected 0"));
             }
         }
         Ok(())
     }
 }
 
-fn program(seed: u64, ops: usize, depth: u32) -> Vec<Op> {
-    stress::generate(seed, ops, depth, TABLES * 512, FRAMES)
+fn program(seed: u64, ops: usize, depth: u32, opts: GenOptions) -> Vec<Op> {
+    stress::generate_with(seed, ops, depth, TABLES * 512, FRAMES, opts)
 }
 
-/// (a) After every leave the tables equal the eager reference.
+/// (a) After every leave the tables equal the eager reference. With refusals, the runner also
+/// checks that each is reported once, by the call that ends the batching.
 fn tables_match_after_every_leave<const E: usize, const R: usize>(
     seed: u64,
     ops: usize,
     depth: u32,
+    opts: GenOptions,
 ) -> Result<(), TestCaseError> {
     let (mut l, s) = setup::<E, R>(TABLES, FRAMES);
-    let prog = program(seed, ops, depth);
+    let prog = program(seed, ops, depth, opts);
     let mut checker = Checker::new(&s, true, false);
-    stress::run_with(&mut l, &s, &prog, &mut checker).map_err(TestCaseError::fail)?;
+    let stats = stress::run_with(&mut l, &s, &prog, &mut checker).map_err(TestCaseError::fail)?;
+    prop_assert_eq!(stats.reported_refusals, stats.refused_writes as u64);
+    if stats.refused_writes > 0 {
+        prop_assert_eq!(stats.refusal_error, Some(XenError::Busy));
+    }
+    prop_assert_eq!(
+        l.counters().rejected,
+        stats.refused_writes as u64,
+        "Xen refused exactly the bad writes"
+    );
     l.hypervisor().check_refcounts();
     Ok(())
 }
 
-/// (b) No hypercall inside a lazy section but for a full buffer or a read hazard, or from ops
-/// that flush (leave, flush, pause, and set_ptes() with its own leave).
+/// (b) No hypercall inside a lazy section but for a full buffer or a read hazard (and the
+/// reissues after a refusal in those flushes), or from ops that flush (leave, flush, pause,
+/// and set_ptes() with its own leave).
 fn no_hypercalls_inside_lazy_sections<const E: usize, const R: usize>(
     seed: u64,
     ops: usize,
     depth: u32,
+    opts: GenOptions,
 ) -> Result<(), TestCaseError> {
     let (mut l, s) = setup::<E, R>(TABLES, FRAMES);
-    let prog = program(seed, ops, depth);
+    let prog = program(seed, ops, depth, opts);
     let mut checker = Checker::new(&s, false, true);
     let stats = stress::run_with(&mut l, &s, &prog, &mut checker).map_err(TestCaseError::fail)?;
-    let allowed = stats.flushes_for(FlushReason::Full) + stats.flushes_for(FlushReason::ReadHazard);
+    let allowed = stats.flushes_for(FlushReason::Full)
+        + stats.flushes_for(FlushReason::ReadHazard)
+        + checker.reissues as u64;
     prop_assert!(
         stats.lazy_hypercalls <= allowed,
-        "{} hypercalls inside lazy sections, {allowed} full/read-hazard flushes",
+        "{} hypercalls inside lazy sections, {allowed} full/read-hazard flushes and reissues",
         stats.lazy_hypercalls
     );
     Ok(())
 }
 
-/// (c) Hypercalls for N batched writes: at most ceil(N / capacity) plus one per op that forces a
-/// flush, plus one per immediate write.
+/// (c) Hypercalls for N batched writes and T batched TLB ops: at most ceil(N / R) full request
+/// buffers plus ceil(T / (E / 2)) full entry buffers (entries alternate at worst, so a full one
+/// holds at least E / 2 TLB ops), plus one per op that forces a flush, plus one per immediate
+/// write or TLB op, plus the reissues after refusals (which the checker matches to the replay
+/// the refusals call for).
 fn hypercalls_are_bounded<const E: usize, const R: usize>(
     seed: u64,
     ops: usize,
     depth: u32,
+    opts: GenOptions,
 ) -> Result<(), TestCaseError> {
     let (mut l, s) = setup::<E, R>(TABLES, FRAMES);
-    let prog = program(seed, ops, depth);
-    let stats = stress::run(&mut l, &s, &prog, |_, _| Ok(())).map_err(TestCaseError::fail)?;
+    let prog = program(seed, ops, depth, opts);
+    let mut checker = Checker::new(&s, false, true);
+    let stats = stress::run_with(&mut l, &s, &prog, &mut checker).map_err(TestCaseError::fail)?;
     let set_ptes = prog
         .iter()
         .filter(|op| matches!(op, Op::SetPtes { .. }))
         .count();
     let forced = stats.leaves + stats.flushes + stats.pauses + stats.hazard_reads + set_ptes;
-    let bound = stats.batched_writes.div_ceil(R) + forced + stats.immediate_writes;
+    let full = stats.batched_writes.div_ceil(R) + stats.batched_tlb_ops.div_ceil(E / 2);
+    let immediate = stats.immediate_writes + stats.tlb_ops - stats.batched_tlb_ops;
+    let bound = full + forced + immediate + checker.reissues;
     let made = l.hypervisor().counts.hypercalls();
     prop_assert!(
         made as usize <= bound,
-        "{made} hypercalls for {} batched writes (capacity {R}), {forced} forced flushes, {} immediate writes",
+        "{made} hypercalls for {} batched writes (capacity {R}), {} batched TLB ops ({E} entries), {forced} forced flushes, {immediate} immediate ops, {} reissues",
         stats.batched_writes,
-        stats.immediate_writes
+        stats.batched_tlb_ops,
+        checker.reissues
     );
     prop_assert_eq!(
         made,
@@ -1013,42 +1169,47 @@ fn config(cases: u32) -> ProptestConfig {
     }
 }
 
+const PLAIN: GenOptions = GenOptions {
+    refusals: false,
+    tlb_ops: false,
+};
+
 proptest! {
     #![proptest_config(config(96))]
 
     #[test]
     fn tables_match_shadow_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        tables_match_after_every_leave::<4, 16>(seed, ops, depth)?;
+        tables_match_after_every_leave::<4, 16>(seed, ops, depth, PLAIN)?;
     }
 
     #[test]
     fn tables_match_shadow_linux_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        tables_match_after_every_leave::<LINUX_ENTRIES, LINUX_REQUESTS>(seed, ops, depth)?;
+        tables_match_after_every_leave::<LINUX_ENTRIES, LINUX_REQUESTS>(seed, ops, depth, PLAIN)?;
     }
 
     #[test]
     fn tables_match_shadow_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        tables_match_after_every_leave::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth)?;
+        tables_match_after_every_leave::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth, PLAIN)?;
     }
 
     #[test]
     fn no_stray_hypercalls_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        no_hypercalls_inside_lazy_sections::<4, 16>(seed, ops, depth)?;
+        no_hypercalls_inside_lazy_sections::<4, 16>(seed, ops, depth, PLAIN)?;
     }
 
     #[test]
     fn no_stray_hypercalls_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        no_hypercalls_inside_lazy_sections::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth)?;
+        no_hypercalls_inside_lazy_sections::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth, PLAIN)?;
     }
 
     #[test]
     fn hypercalls_bounded_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        hypercalls_are_bounded::<4, 16>(seed, ops, depth)?;
+        hypercalls_are_bounded::<4, 16>(seed, ops, depth, PLAIN)?;
     }
 
     #[test]
     fn hypercalls_bounded_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        hypercalls_are_bounded::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth)?;
+        hypercalls_are_bounded::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth, PLAIN)?;
     }
 }
 
@@ -1056,14 +1217,17 @@ proptest! {
 
 #[test]
 fn generated_programs_are_balanced_and_in_range() {
-    for seed in 0..300 {
+    for (seed, opts) in (0..300).flat_map(|s| [(s, PLAIN), (s, GenOptions::ALL)]) {
         let depth = (seed % 9) as u32;
         let slots = 1 + (seed as usize * 37) % 1500;
         let frames = 1 + (seed as usize * 11) % 700;
         let ops = (seed as usize * 7) % 500;
-        let prog = stress::generate(seed, ops, depth, slots, frames);
+        let prog = stress::generate_with(seed, ops, depth, slots, frames, opts);
         assert_eq!(prog.len(), ops, "seed {seed}");
-        assert_eq!(prog, stress::generate(seed, ops, depth, slots, frames));
+        assert_eq!(
+            prog,
+            stress::generate_with(seed, ops, depth, slots, frames, opts)
+        );
         let mut open = Vec::new();
         for op in &prog {
             match *op {
@@ -1074,7 +1238,9 @@ fn generated_programs_are_balanced_and_in_range() {
                 Op::Leave => assert_eq!(open.pop(), Some(Op::Enter), "seed {seed}"),
                 Op::Resume => assert_eq!(open.pop(), Some(Op::Pause), "seed {seed}"),
                 Op::SetPte { slot, frame } => assert!(slot < slots && frame < frames),
-                Op::Clear { slot } | Op::Read { slot } => assert!(slot < slots),
+                Op::Clear { slot } | Op::Read { slot } | Op::Bad { slot } | Op::Invlpg { slot } => {
+                    assert!(slot < slots)
+                }
                 Op::SetPtes { slot, nr, frame } => {
                     assert!(nr >= 1 && slot + nr <= slots && frame + nr <= frames);
                     assert_eq!(
@@ -1083,7 +1249,7 @@ fn generated_programs_are_balanced_and_in_range() {
                         "seed {seed}: crosses a table"
                     );
                 }
-                Op::Flush => {}
+                Op::Flush | Op::FlushTlb => {}
             }
         }
         assert!(open.is_empty(), "seed {seed}: unbalanced");
@@ -1105,6 +1271,31 @@ fn generated_programs_cover_every_kind_of_op() {
     );
     // Degenerate layouts still give balanced programs.
     assert_eq!(stress::generate(1, 50, 3, 0, 0).len(), 50);
+    assert_eq!(
+        stress::generate_with(1, 50, 3, 0, 0, GenOptions::ALL).len(),
+        50
+    );
+
+    // The extra ops only when asked for, each on its own.
+    let bad = |o: &Op| matches!(o, Op::Bad { .. });
+    let tlb = |o: &Op| matches!(o, Op::FlushTlb | Op::Invlpg { .. });
+    assert!(!prog.iter().any(|o| bad(o) || tlb(o)));
+    let with = |opts| stress::generate_with(7, 5000, 8, 1024, 600, opts);
+    let all = with(GenOptions::ALL);
+    assert!(all.iter().any(bad));
+    assert!(all.iter().any(|o| matches!(o, Op::FlushTlb)));
+    assert!(all.iter().any(|o| matches!(o, Op::Invlpg { .. })));
+    let refusals = with(GenOptions {
+        refusals: true,
+        tlb_ops: false,
+    });
+    assert!(refusals.iter().any(bad) && !refusals.iter().any(tlb));
+    let tlb_only = with(GenOptions {
+        refusals: false,
+        tlb_ops: true,
+    });
+    assert!(tlb_only.iter().any(tlb) && !tlb_only.iter().any(bad));
+    assert_eq!(with(PLAIN), prog, "no options: generate()'s program");
 }
 
 #[test]
@@ -1217,6 +1408,119 @@ fn run_counts_what_it_did() {
     assert_eq!(stats.flushes_for(FlushReason::ReadHazard), 1);
     assert_eq!(stats.flushes_for(FlushReason::Full), 1);
     assert_eq!(stats.hypercalls, l.hypervisor().counts.hypercalls());
+}
+
+#[test]
+fn run_checks_where_refusals_are_reported() {
+    let (mut l, s) = setup::<4, 16>(1, 64);
+    let mut prog = vec![
+        Op::Bad { slot: 0 },
+        Op::Enter,
+        Op::SetPte { slot: 1, frame: 1 },
+        Op::Bad { slot: 1 },
+        Op::SetPte { slot: 2, frame: 2 },
+        Op::Enter,
+        Op::Bad { slot: 3 },
+        Op::FlushTlb,
+        Op::Leave,
+        Op::Read { slot: 1 },
+        Op::Flush,
+        Op::Bad { slot: 4 },
+        Op::Invlpg { slot: 4 },
+        Op::Pause,
+        Op::Bad { slot: 5 },
+        Op::Resume,
+        // Neither the read-hazard flush nor set_ptes()'s nested leave reports it.
+        Op::Bad { slot: 6 },
+        Op::Read { slot: 6 },
+        Op::SetPtes {
+            slot: 8,
+            nr: 20,
+            frame: 1,
+        },
+    ];
+    // More than the error lists: the count covers them.
+    prog.extend((0..10).map(|i| Op::Bad { slot: 40 + i }));
+    prog.push(Op::Leave);
+    let stats = stress::run(&mut l, &s, &prog, |l, sh| stress::compare(l, &s, sh, 64)).unwrap();
+    assert_eq!((stats.refused_writes, stats.reported_refusals), (16, 16));
+    assert_eq!(
+        (
+            stats.reported_by_leave,
+            stats.reported_by_flush,
+            stats.reported_by_pause,
+            stats.reported_at_once
+        ),
+        (11, 2, 1, 2)
+    );
+    assert_eq!(stats.most_reported_by_one_call, 11);
+    assert_eq!((stats.tlb_ops, stats.batched_tlb_ops), (2, 2));
+    assert_eq!(stats.hazard_reads, 1);
+    assert_eq!(l.counters().rejected, 16);
+    assert_eq!(
+        live(&l, &s, 1),
+        s.pte_value(1),
+        "the refused write changed nothing"
+    );
+    for slot in [0, 3, 4, 5, 6, 40, 49] {
+        assert_eq!(live(&l, &s, slot), 0, "slot {slot}");
+    }
+}
+
+/// A layout whose "bad" value Xen accepts.
+struct Lenient<'a>(&'a Space);
+
+impl Layout for Lenient<'_> {
+    fn pte_ptr(&self, slot: usize) -> u64 {
+        self.0.pte_ptr(slot)
+    }
+    fn va(&self, slot: usize) -> u64 {
+        self.0.va(slot)
+    }
+    fn pte_value(&self, frame: usize) -> u64 {
+        self.0.pte_value(frame)
+    }
+    fn bad_value(&self) -> u64 {
+        self.0.pte_value(0)
+    }
+}
+
+/// Queues a refused write behind the runner's back after op `at`.
+struct Sneak<'a> {
+    space: &'a Space,
+    at: usize,
+}
+
+impl<const E: usize, const R: usize> Observer<Model, E, R> for Sneak<'_> {
+    fn after_op(&mut self, i: usize, _: &Op, l: &mut Lazy<E, R>, _: &Shadow) -> Result<(), String> {
+        if i == self.at {
+            let s = self.space;
+            l.set_pte(s.pte_ptr(9), s.bad_value(), s.va(9))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn run_fails_on_a_missing_or_unexpected_refusal() {
+    let (mut l, s) = std_setup();
+    let prog = [Op::Enter, Op::Bad { slot: 0 }, Op::Leave];
+    let err = stress::run(&mut l, &Lenient(&s), &prog, |_, _| Ok(())).unwrap_err();
+    assert!(
+        err.starts_with("op 2 (Leave): 0 refusal(s) reported, 1 refused write(s)"),
+        "{err}"
+    );
+    let err = stress::run(&mut l, &Lenient(&s), &prog[1..2], |_, _| Ok(())).unwrap_err();
+    assert!(err.contains("0 refusal(s) reported, 1 refused"), "{err}");
+
+    let (mut l, s) = std_setup();
+    let prog = [Op::Enter, Op::SetPte { slot: 0, frame: 0 }, Op::Leave];
+    let err = stress::run_with(&mut l, &s, &prog, &mut Sneak { space: &s, at: 1 }).unwrap_err();
+    assert!(
+        err.starts_with("op 2 (Leave): 1 refusal(s) reported, 0 refused write(s)"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -797,6 +797,11 @@ impl Layout for Space {
     fn pte_value(&self, frame: usize) -> u64 {
         Space::pte(self.data[frame], Space::DATA_FLAGS)
     }
+
+    /// A writable mapping of the first L1 table, which stays in use as one (-EBUSY).
+    fn bad_value(&self) -> u64 {
+        Space::pte(self.l1s[0], Space::DATA_FLAGS)
+    }
 }
 
 #[cfg(test)]

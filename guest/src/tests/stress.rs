@@ -39,6 +39,11 @@ impl Layout for LiveLayout {
     fn pte_value(&self, frame: usize) -> u64 {
         Pte::from_mfn(self.frames[frame].mfn, KERNEL_RW).0 | self.added_by_xen
     }
+
+    /// A writable mapping of our first L1 table: Xen refuses it (-EBUSY) in every slot.
+    fn bad_value(&self) -> u64 {
+        Pte::from_mfn(self.tables[0].0 >> 12, KERNEL_RW).0
+    }
 }
 
 /// Run `program` through `lazy`, comparing the live tables with the shadow after every leave;
