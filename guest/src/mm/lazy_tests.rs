@@ -10,7 +10,7 @@ use proptest::test_runner::TestCaseError;
 
 use super::lazy::{
     DEFAULT_ENTRIES, DEFAULT_REQUESTS, Entry, FlushReason, Hypervisor, LINUX_ENTRIES,
-    LINUX_REQUESTS, LazyMmu, MmuError, Rejected, SetPtesRule,
+    LINUX_REQUESTS, LazyMmu, MAX_REPORTED, MmuError, Rejected, SetPtesRule,
 };
 use super::model::{Call, FrameInfo, Model, PageType, RW, Space};
 use crate::stress::{self, GenOptions, Layout, Observer, Op, Shadow};
@@ -1211,6 +1211,54 @@ proptest! {
     fn hypercalls_bounded_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
         hypercalls_are_bounded::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth, PLAIN)?;
     }
+
+    // The same properties over programs with refused writes and queued TLB ops: the error path
+    // (report, then replay in queue order) under every queue size.
+
+    #[test]
+    fn tables_match_shadow_with_refusals_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+        tables_match_after_every_leave::<4, 16>(seed, ops, depth, GenOptions::ALL)?;
+    }
+
+    #[test]
+    fn tables_match_shadow_with_refusals_linux_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+        tables_match_after_every_leave::<LINUX_ENTRIES, LINUX_REQUESTS>(seed, ops, depth, GenOptions::ALL)?;
+    }
+
+    #[test]
+    fn tables_match_shadow_with_refusals_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+        tables_match_after_every_leave::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth, GenOptions::ALL)?;
+    }
+
+    #[test]
+    fn no_stray_hypercalls_with_refusals_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+        no_hypercalls_inside_lazy_sections::<4, 16>(seed, ops, depth, GenOptions::ALL)?;
+    }
+
+    #[test]
+    fn no_stray_hypercalls_with_refusals_linux_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+        no_hypercalls_inside_lazy_sections::<LINUX_ENTRIES, LINUX_REQUESTS>(seed, ops, depth, GenOptions::ALL)?;
+    }
+
+    #[test]
+    fn no_stray_hypercalls_with_refusals_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+        no_hypercalls_inside_lazy_sections::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth, GenOptions::ALL)?;
+    }
+
+    #[test]
+    fn hypercalls_bounded_with_refusals_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+        hypercalls_are_bounded::<4, 16>(seed, ops, depth, GenOptions::ALL)?;
+    }
+
+    #[test]
+    fn hypercalls_bounded_with_refusals_linux_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+        hypercalls_are_bounded::<LINUX_ENTRIES, LINUX_REQUESTS>(seed, ops, depth, GenOptions::ALL)?;
+    }
+
+    #[test]
+    fn hypercalls_bounded_with_refusals_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+        hypercalls_are_bounded::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth, GenOptions::ALL)?;
+    }
 }
 
 // ---- The generator and runner themselves ----
@@ -1521,6 +1569,35 @@ fn run_fails_on_a_missing_or_unexpected_refusal() {
         err.starts_with("op 2 (Leave): 1 refusal(s) reported, 0 refused write(s)"),
         "{err}"
     );
+}
+
+/// Programs with refusals reach every reporting call, more refusals in one report than it
+/// lists, and the replay after a held-up refusal.
+#[test]
+fn programs_with_refusals_exercise_the_error_path() {
+    let mut total = stress::RunStats::default();
+    let mut reissues = 0;
+    for seed in 0..24 {
+        let (mut l, s) = setup::<4, 16>(TABLES, FRAMES);
+        let prog = program(seed, 400, (seed % 4) as u32 + 1, GenOptions::ALL);
+        let mut checker = Checker::new(&s, false, true);
+        let stats = stress::run_with(&mut l, &s, &prog, &mut checker).unwrap();
+        total.reported_by_leave += stats.reported_by_leave;
+        total.reported_by_flush += stats.reported_by_flush;
+        total.reported_by_pause += stats.reported_by_pause;
+        total.reported_at_once += stats.reported_at_once;
+        total.most_reported_by_one_call = total
+            .most_reported_by_one_call
+            .max(stats.most_reported_by_one_call);
+        reissues += checker.reissues;
+    }
+    assert!(total.reported_by_leave > 0 && total.reported_by_flush > 0);
+    assert!(total.reported_by_pause > 0 && total.reported_at_once > 0);
+    assert!(
+        total.most_reported_by_one_call > MAX_REPORTED as u64,
+        "{total:?}"
+    );
+    assert!(reissues > 0);
 }
 
 #[test]
