@@ -1,15 +1,19 @@
 //! Test 7: seeded random lazy-MMU programs (the same generator the host property tests use)
-//! against real Xen, with the live tables compared to an eager shadow after every leave.
+//! against real Xen, with the live tables compared to an eager shadow after every leave. The
+//! programs include writes Xen refuses and queued TLB flushes: each refusal must be reported
+//! once, where the batching ends, and everything else must take effect in order.
 //! Options: `seed=N ops=M depth=D`.
 
 use alloc::vec::Vec;
+
+use hypercalls::XenError;
 
 use crate::mm::frames::{self, Frame};
 use crate::mm::lazy::{FlushReason, LazyMmu};
 use crate::mm::pagetable;
 use crate::mm::pte::{self, KERNEL_RW, Pte, PtePtr};
 use crate::mm::xen_hv::XenHv;
-use crate::stress::{self, Layout};
+use crate::stress::{self, GenOptions, Layout};
 use crate::testing::{Context, TestFail, TestOutcome, failed};
 use crate::xen::PAGE_SIZE;
 use crate::{ensure, ensure_eq};
@@ -61,6 +65,16 @@ fn run_checked<const E: usize, const R: usize>(
         stress::compare(lazy, layout, shadow, SLOTS)
     })
     .map_err(|e| failed(alloc::format!("{label}, seed {seed}: {e}")))?;
+    ensure!(
+        stats.refused_writes > 0,
+        "{label}: no refused write in the program"
+    );
+    // Xen's reason for refusing a writable mapping of a page table (get_page_from_l1e).
+    ensure_eq!(
+        stats.refusal_error,
+        Some(XenError::Busy),
+        "{label}: refusal error"
+    );
     println!(
         "    {label}: {} ops, {} writes ({} batched, {} immediate), {} reads ({} hazards), max depth {}, {checks} leaves checked",
         stats.ops,
@@ -70,6 +84,19 @@ fn run_checked<const E: usize, const R: usize>(
         stats.reads,
         stats.hazard_reads,
         stats.max_depth,
+    );
+    println!(
+        "      {} refused writes ({}), {} refusals reported ({} by outermost leaves, {} by flushes, {} by pauses, {} at once, at most {} by one call); {} TLB ops ({} batched)",
+        stats.refused_writes,
+        stats.refusal_error.map_or("-", XenError::name),
+        stats.reported_refusals,
+        stats.reported_by_leave,
+        stats.reported_by_flush,
+        stats.reported_by_pause,
+        stats.reported_at_once,
+        stats.most_reported_by_one_call,
+        stats.tlb_ops,
+        stats.batched_tlb_ops,
     );
     print!(
         "      {} hypercalls ({} inside lazy sections); flushes:",
@@ -109,7 +136,14 @@ pub fn stress(ctx: &Context) -> TestOutcome {
         frames,
         added_by_xen: stored.0 & !probe.0,
     };
-    let program = stress::generate(o.seed, o.ops as usize, o.depth, SLOTS, FRAMES);
+    let program = stress::generate_with(
+        o.seed,
+        o.ops as usize,
+        o.depth,
+        SLOTS,
+        FRAMES,
+        GenOptions::ALL,
+    );
     // The kernel's own per-vCPU batch, then a tiny one (4 entries, 16 requests) so that
     // full-buffer flushes happen all the time against real Xen too.
     let checks =
