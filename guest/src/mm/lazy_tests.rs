@@ -1174,91 +1174,40 @@ const PLAIN: GenOptions = GenOptions {
     tlb_ops: false,
 };
 
-proptest! {
-    #![proptest_config(config(96))]
+/// One proptest per line: a property, the queue's (entries, requests), the kind of programs.
+macro_rules! property_tests {
+    ($($name:ident: $property:ident($entries:expr, $requests:expr, $programs:expr);)*) => {
+        proptest! {
+            #![proptest_config(config(96))]
+            $(
+                #[test]
+                fn $name(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
+                    $property::<{ $entries }, { $requests }>(seed, ops, depth, $programs)?;
+                }
+            )*
+        }
+    };
+}
 
-    #[test]
-    fn tables_match_shadow_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        tables_match_after_every_leave::<4, 16>(seed, ops, depth, PLAIN)?;
-    }
-
-    #[test]
-    fn tables_match_shadow_linux_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        tables_match_after_every_leave::<LINUX_ENTRIES, LINUX_REQUESTS>(seed, ops, depth, PLAIN)?;
-    }
-
-    #[test]
-    fn tables_match_shadow_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        tables_match_after_every_leave::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth, PLAIN)?;
-    }
-
-    #[test]
-    fn no_stray_hypercalls_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        no_hypercalls_inside_lazy_sections::<4, 16>(seed, ops, depth, PLAIN)?;
-    }
-
-    #[test]
-    fn no_stray_hypercalls_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        no_hypercalls_inside_lazy_sections::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth, PLAIN)?;
-    }
-
-    #[test]
-    fn hypercalls_bounded_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        hypercalls_are_bounded::<4, 16>(seed, ops, depth, PLAIN)?;
-    }
-
-    #[test]
-    fn hypercalls_bounded_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        hypercalls_are_bounded::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth, PLAIN)?;
-    }
-
-    // The same properties over programs with refused writes and queued TLB ops: the error path
-    // (report, then replay in queue order) under every queue size.
-
-    #[test]
-    fn tables_match_shadow_with_refusals_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        tables_match_after_every_leave::<4, 16>(seed, ops, depth, GenOptions::ALL)?;
-    }
-
-    #[test]
-    fn tables_match_shadow_with_refusals_linux_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        tables_match_after_every_leave::<LINUX_ENTRIES, LINUX_REQUESTS>(seed, ops, depth, GenOptions::ALL)?;
-    }
-
-    #[test]
-    fn tables_match_shadow_with_refusals_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        tables_match_after_every_leave::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth, GenOptions::ALL)?;
-    }
-
-    #[test]
-    fn no_stray_hypercalls_with_refusals_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        no_hypercalls_inside_lazy_sections::<4, 16>(seed, ops, depth, GenOptions::ALL)?;
-    }
-
-    #[test]
-    fn no_stray_hypercalls_with_refusals_linux_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        no_hypercalls_inside_lazy_sections::<LINUX_ENTRIES, LINUX_REQUESTS>(seed, ops, depth, GenOptions::ALL)?;
-    }
-
-    #[test]
-    fn no_stray_hypercalls_with_refusals_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        no_hypercalls_inside_lazy_sections::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth, GenOptions::ALL)?;
-    }
-
-    #[test]
-    fn hypercalls_bounded_with_refusals_small_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        hypercalls_are_bounded::<4, 16>(seed, ops, depth, GenOptions::ALL)?;
-    }
-
-    #[test]
-    fn hypercalls_bounded_with_refusals_linux_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        hypercalls_are_bounded::<LINUX_ENTRIES, LINUX_REQUESTS>(seed, ops, depth, GenOptions::ALL)?;
-    }
-
-    #[test]
-    fn hypercalls_bounded_with_refusals_default_queue(seed in any::<u64>(), depth in 0u32..=8, ops in 1usize..500) {
-        hypercalls_are_bounded::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(seed, ops, depth, GenOptions::ALL)?;
-    }
+// Plain programs, then the same properties over programs with refused writes and queued TLB
+// ops: the error path (report, then replay in queue order) under every queue size.
+property_tests! {
+    tables_match_shadow_small_queue: tables_match_after_every_leave(4, 16, PLAIN);
+    tables_match_shadow_linux_queue: tables_match_after_every_leave(LINUX_ENTRIES, LINUX_REQUESTS, PLAIN);
+    tables_match_shadow_default_queue: tables_match_after_every_leave(DEFAULT_ENTRIES, DEFAULT_REQUESTS, PLAIN);
+    no_stray_hypercalls_small_queue: no_hypercalls_inside_lazy_sections(4, 16, PLAIN);
+    no_stray_hypercalls_default_queue: no_hypercalls_inside_lazy_sections(DEFAULT_ENTRIES, DEFAULT_REQUESTS, PLAIN);
+    hypercalls_bounded_small_queue: hypercalls_are_bounded(4, 16, PLAIN);
+    hypercalls_bounded_default_queue: hypercalls_are_bounded(DEFAULT_ENTRIES, DEFAULT_REQUESTS, PLAIN);
+    tables_match_shadow_with_refusals_small_queue: tables_match_after_every_leave(4, 16, GenOptions::ALL);
+    tables_match_shadow_with_refusals_linux_queue: tables_match_after_every_leave(LINUX_ENTRIES, LINUX_REQUESTS, GenOptions::ALL);
+    tables_match_shadow_with_refusals_default_queue: tables_match_after_every_leave(DEFAULT_ENTRIES, DEFAULT_REQUESTS, GenOptions::ALL);
+    no_stray_hypercalls_with_refusals_small_queue: no_hypercalls_inside_lazy_sections(4, 16, GenOptions::ALL);
+    no_stray_hypercalls_with_refusals_linux_queue: no_hypercalls_inside_lazy_sections(LINUX_ENTRIES, LINUX_REQUESTS, GenOptions::ALL);
+    no_stray_hypercalls_with_refusals_default_queue: no_hypercalls_inside_lazy_sections(DEFAULT_ENTRIES, DEFAULT_REQUESTS, GenOptions::ALL);
+    hypercalls_bounded_with_refusals_small_queue: hypercalls_are_bounded(4, 16, GenOptions::ALL);
+    hypercalls_bounded_with_refusals_linux_queue: hypercalls_are_bounded(LINUX_ENTRIES, LINUX_REQUESTS, GenOptions::ALL);
+    hypercalls_bounded_with_refusals_default_queue: hypercalls_are_bounded(DEFAULT_ENTRIES, DEFAULT_REQUESTS, GenOptions::ALL);
 }
 
 // ---- The generator and runner themselves ----
