@@ -41,11 +41,11 @@ impl Hypervisor for XenHv {
         reqs: &[MmuUpdate],
         outcomes: &mut [EntryOutcome],
     ) -> Result<(), XenError> {
-        assert!(
-            entries.len() <= MAX_ENTRIES,
-            "multicall of {} entries",
-            entries.len()
-        );
+        if entries.len() > MAX_ENTRIES {
+            // A batch larger than this marshalling buffer: the core then issues each entry on
+            // its own, which is correct, only slower.
+            return Err(XenError::TooBig);
+        }
         let mut calls_buf = [EMPTY_ENTRY; MAX_ENTRIES];
         let mut done = [0u32; MAX_ENTRIES];
         for (i, entry) in entries.iter().enumerate() {
