@@ -1,5 +1,7 @@
 //! Constants and structures of Xen's public interface (xen/include/public), x86-64 PV.
 
+use crate::addr::{MachAddr, Mfn, Pte};
+
 pub use xen_sys::{
     __HYPERVISOR_console_io as HYPERVISOR_CONSOLE_IO,
     __HYPERVISOR_event_channel_op as HYPERVISOR_EVENT_CHANNEL_OP,
@@ -81,18 +83,25 @@ pub struct EvtchnSend {
 }
 
 /// Build an `mmu_update` request writing `val` to the page-table entry at machine address `ptr`.
-pub const fn pt_update(ptr: u64, val: u64) -> MmuUpdate {
+pub const fn pt_update(ptr: MachAddr, val: Pte) -> MmuUpdate {
     MmuUpdate {
-        ptr: ptr | MMU_NORMAL_PT_UPDATE as u64,
-        val,
+        ptr: ptr.get() | MMU_NORMAL_PT_UPDATE as u64,
+        val: val.raw(),
     }
 }
 
+/// An all-zero `mmuext_op`, for initialising arrays.
+pub const NO_MMUEXT_OP: MmuextOp = MmuextOp {
+    cmd: 0,
+    arg1: xen_sys::mmuext_op__bindgen_ty_1 { mfn: 0 },
+    arg2: xen_sys::mmuext_op__bindgen_ty_2 { src_mfn: 0 },
+};
+
 /// Build an `mmuext_op` that takes a frame (pin, unpin).
-pub fn mmuext_mfn(cmd: u32, mfn: u64) -> MmuextOp {
+pub fn mmuext_mfn(cmd: u32, mfn: Mfn) -> MmuextOp {
     MmuextOp {
         cmd,
-        arg1: xen_sys::mmuext_op__bindgen_ty_1 { mfn },
+        arg1: xen_sys::mmuext_op__bindgen_ty_1 { mfn: mfn.get() },
         arg2: xen_sys::mmuext_op__bindgen_ty_2 { src_mfn: 0 },
     }
 }

@@ -2,7 +2,10 @@
 //!
 //! Each wrapper only marshals arguments; what to call when is the kernel's business.
 
+use x86_64::VirtAddr;
+
 use crate::abi::*;
+use crate::addr::Pte;
 use crate::error::{PartialFailure, XenError};
 use crate::multicall::MulticallEntry;
 use crate::raw::hypercall;
@@ -88,46 +91,43 @@ pub fn xen_version_string(cmd: u32, buf: &mut [u8]) -> Result<(), XenError> {
     XenError::check(ret).map(drop)
 }
 
-/// `mmu_update(reqs, count, &done, domid)`.
+/// The request arrays `mmu_update` and `mmuext_op` take: same calling convention
+/// (`reqs, count, &done, domid`), same partial-failure rule.
+pub trait BatchRequest: private::Sealed {
+    /// The hypercall that takes an array of these.
+    const HYPERCALL: u32;
+}
+
+impl BatchRequest for MmuUpdate {
+    const HYPERCALL: u32 = HYPERVISOR_MMU_UPDATE;
+}
+
+impl BatchRequest for MmuextOp {
+    const HYPERCALL: u32 = HYPERVISOR_MMUEXT_OP;
+}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for super::MmuUpdate {}
+    impl Sealed for super::MmuextOp {}
+}
+
+/// `mmu_update(reqs, count, &done, domid)` or `mmuext_op(ops, count, &done, domid)`: Xen
+/// processes the requests in order and stops at the first that fails.
 ///
 /// # Safety
-/// The requests change live page tables: they must not unmap or remap memory that Rust code
-/// still references (the stack, the image, borrowed buffers).
-pub unsafe fn mmu_update(reqs: &[MmuUpdate], domid: DomId) -> Result<(), PartialFailure> {
+/// The requests change live page tables (or switch base pointers): they must not unmap or
+/// remap memory that Rust code still references (the stack, the image, borrowed buffers), and
+/// must leave the address space the kernel runs in intact.
+pub unsafe fn batch<T: BatchRequest>(reqs: &[T], domid: DomId) -> Result<(), PartialFailure> {
     let count = checked_count(reqs.len()).map_err(|error| PartialFailure { done: 0, error })?;
     let mut done: u32 = 0;
     // SAFETY: Xen reads `count` requests from a live slice and writes `done`; the caller vouches
     // for what the requests change.
     let ret = unsafe {
         hypercall(
-            HYPERVISOR_MMU_UPDATE,
+            T::HYPERCALL,
             reqs.as_ptr() as u64,
-            count as u64,
-            &mut done as *mut u32 as u64,
-            domid as u64,
-            0,
-        )
-    };
-    match XenError::check(ret) {
-        Ok(_) => Ok(()),
-        Err(error) => Err(PartialFailure { done, error }),
-    }
-}
-
-/// `mmuext_op(ops, count, &done, domid)`.
-///
-/// # Safety
-/// The operations (pins, base-pointer switches, flushes) must leave the address space the
-/// kernel runs in intact.
-pub unsafe fn mmuext_op(ops: &[MmuextOp], domid: DomId) -> Result<(), PartialFailure> {
-    let count = checked_count(ops.len()).map_err(|error| PartialFailure { done: 0, error })?;
-    let mut done: u32 = 0;
-    // SAFETY: Xen reads `count` ops from a live slice and writes `done`; the caller vouches for
-    // what the ops change.
-    let ret = unsafe {
-        hypercall(
-            HYPERVISOR_MMUEXT_OP,
-            ops.as_ptr() as u64,
             count as u64,
             &mut done as *mut u32 as u64,
             domid as u64,
@@ -145,9 +145,18 @@ pub unsafe fn mmuext_op(ops: &[MmuextOp], domid: DomId) -> Result<(), PartialFai
 /// # Safety
 /// Changing the mapping of `va` must not pull memory out from under live Rust references (e.g.
 /// remapping the stack or a borrowed buffer).
-pub unsafe fn update_va_mapping(va: u64, val: u64, flags: u64) -> Result<(), XenError> {
+pub unsafe fn update_va_mapping(va: VirtAddr, val: Pte, flags: u64) -> Result<(), XenError> {
     // SAFETY: the caller vouches that the mapping change is sound; no pointer is passed.
-    let ret = unsafe { hypercall(HYPERVISOR_UPDATE_VA_MAPPING, va, val, flags, 0, 0) };
+    let ret = unsafe {
+        hypercall(
+            HYPERVISOR_UPDATE_VA_MAPPING,
+            va.as_u64(),
+            val.raw(),
+            flags,
+            0,
+            0,
+        )
+    };
     XenError::check(ret).map(drop)
 }
 

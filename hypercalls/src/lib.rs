@@ -3,6 +3,7 @@
 //! * [`abi`]: constants and `#[repr(C)]` structures. Most come from `xen-sys`; the few it lacks
 //!   (`DOMID_SELF`, `UVMF_*`, `XENVER_*`, the PV console ring) are defined here from Xen's public
 //!   headers.
+//! * [`addr`]: typed frame numbers, machine addresses and entry values.
 //! * [`error`]: Xen's negative errno values as a named [`XenError`].
 //! * `raw` (guest target only): the single `asm!` that enters the hypercall page.
 //! * [`calls`] (guest target only): typed wrappers returning `Result`.
@@ -12,6 +13,7 @@
 #![no_std]
 
 pub mod abi;
+pub mod addr;
 pub mod error;
 pub mod multicall;
 
@@ -21,5 +23,6 @@ pub mod calls;
 mod raw;
 
 pub use abi::{DomId, MmuUpdate, MmuextOp};
+pub use addr::{MachAddr, Mfn, PAGE_SIZE, Pfn, Pte};
 pub use error::{PartialFailure, XenError};
 pub use multicall::MulticallEntry;

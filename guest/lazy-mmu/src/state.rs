@@ -1,0 +1,402 @@
+//! The lazy-MMU state machine over one vCPU's batch.
+//!
+//! It mirrors Linux's generic lazy MMU mode (include/linux/pgtable.h since the 2025 rework:
+//! `lazy_mmu_mode_enable/disable/pause/resume` over `lazy_mmu_state`, an enable count and a
+//! pause count):
+//!
+//! * the outermost [`enter`](LazyMmu::enter) starts batching; a nested one only counts;
+//! * a nested [`leave`](LazyMmu::leave) **flushes** and stays lazy; the outermost leave flushes
+//!   and ends batching. (In 2023 generic `set_ptes()` began to enter lazy mode inside
+//!   `move_ptes()`'s lazy section; x86 PV's `BUG_ON` on a nested enter killed every Xen PV
+//!   guest. `strict` mode keeps that behaviour so that it can be demonstrated.)
+//! * [`pause`](LazyMmu::pause) flushes and suspends batching, [`resume`](LazyMmu::resume) picks
+//!   it up again at the same depth; pauses nest, and enter/leave while paused do nothing.
+//!
+//! What the caller sees never depends on the batching: the tables after a call that ends the
+//! batching, and the refusals it reports, are those of issuing every request at once, in order.
+
+use hypercalls::abi::MmuUpdate;
+use hypercalls::addr::{ENTRIES_PER_TABLE, ENTRY_SIZE};
+use hypercalls::{MachAddr, PAGE_SIZE, Pte};
+use x86_64::VirtAddr;
+
+use crate::counters::{Counters, FlushReason};
+use crate::hypervisor::Hypervisor;
+use crate::queue::{DEFAULT_ENTRIES, DEFAULT_REQUESTS, Queue};
+use crate::report::{Collected, MmuError, Refusal, SetPtesRule};
+use crate::request::{Request, TableOp};
+
+/// Deepest nesting of sections, and of pauses (Linux keeps both counts in a `u8` and warns
+/// when one would wrap).
+pub const NESTING_LIMIT: u32 = u8::MAX as u32;
+
+/// The lazy-MMU state of one flow of control (Linux: `task_struct::lazy_mmu_state`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LazyState {
+    /// Enable count: how deeply lazy sections nest.
+    pub enable: u8,
+    /// Pause count.
+    pub pause: u8,
+}
+
+impl LazyState {
+    /// Batching now? (inside a section and not paused)
+    pub fn is_active(self) -> bool {
+        self.enable > 0 && self.pause == 0
+    }
+}
+
+/// One vCPU's lazy-MMU state and batch, over a [`Hypervisor`].
+#[derive(Clone)]
+pub struct LazyMmu<
+    H: Hypervisor,
+    const E: usize = DEFAULT_ENTRIES,
+    const R: usize = DEFAULT_REQUESTS,
+> {
+    pub(crate) hv: H,
+    state: LazyState,
+    strict: bool,
+    pub(crate) queue: Queue<E, R>,
+    pub(crate) counters: Counters,
+    /// Refusals of flushes that report later (full, read hazard, nested leave, type change).
+    pending: Collected,
+    last: Collected,
+}
+
+impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
+    pub const fn new(hv: H) -> Self {
+        LazyMmu {
+            hv,
+            state: LazyState {
+                enable: 0,
+                pause: 0,
+            },
+            strict: false,
+            queue: Queue::new(),
+            counters: Counters::ZERO,
+            pending: Collected::NONE,
+            last: Collected::NONE,
+        }
+    }
+
+    /// Strict mode: a nested enter is an error, as in Linux 6.6-rc's `paravirt_enter_lazy_mmu`.
+    pub fn set_strict(&mut self, strict: bool) {
+        self.strict = strict;
+    }
+
+    pub fn is_strict(&self) -> bool {
+        self.strict
+    }
+
+    pub fn state(&self) -> LazyState {
+        self.state
+    }
+
+    /// Batching now? (entered and not paused)
+    pub fn is_active(&self) -> bool {
+        self.state.is_active()
+    }
+
+    pub fn depth(&self) -> u32 {
+        self.state.enable as u32
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.state.pause > 0
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    pub fn hypervisor(&self) -> &H {
+        &self.hv
+    }
+
+    pub fn hypervisor_mut(&mut self) -> &mut H {
+        &mut self.hv
+    }
+
+    /// The refusals of the last report (up to [`crate::MAX_REPORTED`]; its count says how many
+    /// there were).
+    pub fn last_refusals(&self) -> impl Iterator<Item = &Refusal> {
+        self.last.list.iter().flatten()
+    }
+
+    /// Queued entries.
+    pub fn queued_entries(&self) -> usize {
+        self.queue.entries().len()
+    }
+
+    /// Queued `mmu_update` requests.
+    pub fn queued_requests(&self) -> usize {
+        self.queue.requests().len()
+    }
+
+    /// Refusals held for the call that ends the batching.
+    pub fn pending_refusals(&self) -> u32 {
+        self.pending.count
+    }
+
+    /// Enter lazy mode (Linux: `lazy_mmu_mode_enable`).
+    pub fn enter(&mut self) -> Result<(), MmuError> {
+        if self.state.pause > 0 {
+            return Ok(());
+        }
+        if self.state.enable > 0 && self.strict {
+            return Err(MmuError::NestedEnter {
+                depth: self.depth(),
+            });
+        }
+        self.state.enable = self
+            .state
+            .enable
+            .checked_add(1)
+            .ok_or(MmuError::NestingLimit { what: "enter" })?;
+        Ok(())
+    }
+
+    /// Leave lazy mode (Linux: `lazy_mmu_mode_disable`): always flushes; only the outermost
+    /// leave ends batching and reports the refusals.
+    pub fn leave(&mut self) -> Result<(), MmuError> {
+        if self.state.pause > 0 {
+            return Ok(());
+        }
+        self.state.enable = self
+            .state
+            .enable
+            .checked_sub(1)
+            .ok_or(MmuError::UnbalancedLeave)?;
+        if self.state.enable > 0 {
+            // A nested leave (e.g. the end of `set_ptes()` inside `move_ptes()`) must not hand
+            // the outer section's refusals to the inner caller.
+            self.flush_deferred(FlushReason::NestedLeave);
+            return Ok(());
+        }
+        self.flush_reported(FlushReason::Leave)
+    }
+
+    /// Leave, keeping any refusals for the next call that reports (for a section dropped on
+    /// an error path, which has nobody to report to).
+    pub fn leave_deferring(&mut self) -> Result<(), MmuError> {
+        if self.state.pause > 0 {
+            return Ok(());
+        }
+        self.state.enable = self
+            .state
+            .enable
+            .checked_sub(1)
+            .ok_or(MmuError::UnbalancedLeave)?;
+        let reason = if self.state.enable > 0 {
+            FlushReason::NestedLeave
+        } else {
+            FlushReason::Leave
+        };
+        self.flush_deferred(reason);
+        Ok(())
+    }
+
+    /// Issue whatever is queued (Linux: `arch_flush_lazy_mmu_mode`); report every refusal
+    /// held so far.
+    pub fn flush(&mut self) -> Result<(), MmuError> {
+        self.flush_reported(FlushReason::Explicit)
+    }
+
+    /// Suspend batching, flushing first (Linux: `lazy_mmu_mode_pause`).
+    pub fn pause(&mut self) -> Result<(), MmuError> {
+        self.state.pause = self
+            .state
+            .pause
+            .checked_add(1)
+            .ok_or(MmuError::NestingLimit { what: "pause" })?;
+        if self.state.pause == 1 && self.state.enable > 0 {
+            return self.flush_reported(FlushReason::Pause);
+        }
+        Ok(())
+    }
+
+    /// Pick batching up again at the depth it had (Linux: `lazy_mmu_mode_resume`).
+    pub fn resume(&mut self) -> Result<(), MmuError> {
+        self.state.pause = self
+            .state
+            .pause
+            .checked_sub(1)
+            .ok_or(MmuError::UnbalancedResume)?;
+        Ok(())
+    }
+
+    /// Write `val` to the leaf (L1) entry at `ptr`, which maps `va`. Queued in lazy mode
+    /// (refusals are reported by the call that ends the batching), issued at once otherwise
+    /// (a refusal is this call's error).
+    pub fn set_pte(&mut self, ptr: MachAddr, val: Pte, va: VirtAddr) -> Result<(), MmuError> {
+        self.write(ptr, val, Some(va))
+    }
+
+    /// Write `val` to the upper-level (L2..L4) entry at `ptr`: hook or unhook a table. This
+    /// changes page types, so whatever is queued is issued first (see [`FlushReason::TypeChange`]).
+    pub fn set_table_entry(&mut self, ptr: MachAddr, val: Pte) -> Result<(), MmuError> {
+        if self.is_active() {
+            self.flush_deferred(FlushReason::TypeChange);
+        }
+        self.write(ptr, val, None)
+    }
+
+    fn write(&mut self, ptr: MachAddr, val: Pte, va: Option<VirtAddr>) -> Result<(), MmuError> {
+        if !self.is_active() {
+            let req = hypercalls::abi::pt_update(ptr, val);
+            let request = match va {
+                Some(va) => Request::SetPte { ptr, val, va },
+                None => Request::SetTableEntry { ptr, val },
+            };
+            let mut refused = Collected::new(None);
+            self.issue_now(&[req], |i| (i, request), &mut refused);
+            return self.report_now(refused);
+        }
+        if !self.queue.has_room_for_request() {
+            self.flush_deferred(FlushReason::Full);
+        }
+        self.queue.push_request(ptr, val, va);
+        Ok(())
+    }
+
+    /// Queue (or issue) a table operation: a pin or unpin (which changes page types, so
+    /// whatever is queued is issued first), or a TLB operation.
+    pub fn table_op(&mut self, op: TableOp) -> Result<(), MmuError> {
+        if !self.is_active() {
+            let mut refused = Collected::new(None);
+            let request = Request::TableOp(op);
+            self.issue_now(&[op.to_mmuext()], |i| (i, request), &mut refused);
+            return self.report_now(refused);
+        }
+        if op.changes_types() {
+            self.flush_deferred(FlushReason::TypeChange);
+        } else if !self.queue.has_room_for_op(op) {
+            self.flush_deferred(FlushReason::Full);
+        }
+        self.queue.push_op(op);
+        Ok(())
+    }
+
+    /// Queue (or issue) an `update_va_mapping` (a leaf write found by a walk of the current
+    /// tables).
+    pub fn update_va_mapping(
+        &mut self,
+        va: VirtAddr,
+        val: Pte,
+        flags: u64,
+    ) -> Result<(), MmuError> {
+        if !self.is_active() {
+            let mut refused = Collected::new(None);
+            self.issue_va_update_now(va, val, flags, &mut refused);
+            return self.report_now(refused);
+        }
+        if !self.queue.has_room_for_entry() {
+            self.flush_deferred(FlushReason::Full);
+        }
+        self.queue.push_va_update(va, val, flags);
+        Ok(())
+    }
+
+    /// Read the entry at `ptr`, flushing first if a queued write could change it (refusals of
+    /// that flush are reported where the batching ends).
+    pub fn read_pte(&mut self, ptr: MachAddr) -> Result<Pte, MmuError> {
+        if self.queue.may_write(ptr) {
+            self.flush_deferred(FlushReason::ReadHazard);
+        }
+        self.hv
+            .read_pte(ptr)
+            .map_err(|e| MmuError::NotOwned { ptr: e.ptr })
+    }
+
+    /// Linux's generic `set_ptes()`: `nr` consecutive leaf entries from `ptep` (mapping `addr`,
+    /// `addr + 4096`, ...) get the values `pte_at(0)`, `pte_at(1)`, ..., inside a lazy section
+    /// of their own. The contract is checked before anything is queued. While batching is
+    /// paused the writes go out at once, as one `mmu_update` that carries on past refusals, so
+    /// the outcome is the same as batched.
+    pub fn set_ptes(
+        &mut self,
+        addr: VirtAddr,
+        ptep: MachAddr,
+        nr: u64,
+        pte_at: impl Fn(u64) -> Pte,
+    ) -> Result<(), MmuError> {
+        check_set_ptes(addr, ptep, nr).map_err(MmuError::SetPtes)?;
+        // After the check, every entry lies in ptep's table and every address in addr's 2 MiB
+        // block: none of the arithmetic below can overflow.
+        let va_at = |i: u64| addr + i * PAGE_SIZE;
+        let ptr_at = |i: u64| MachAddr::new_truncate(ptep.get() + i * ENTRY_SIZE);
+        if self.is_paused() {
+            let mut reqs = [MmuUpdate { ptr: 0, val: 0 }; ENTRIES_PER_TABLE as usize];
+            for (i, r) in reqs.iter_mut().take(nr as usize).enumerate() {
+                *r = hypercalls::abi::pt_update(ptr_at(i as u64), pte_at(i as u64));
+            }
+            let mut refused = Collected::new(None);
+            let name = |i: usize| {
+                let i64 = i as u64;
+                let (ptr, val, va) = (ptr_at(i64), pte_at(i64), va_at(i64));
+                (i, Request::SetPte { ptr, val, va })
+            };
+            self.issue_now(&reqs[..nr as usize], name, &mut refused);
+            return self.report_now(refused);
+        }
+        self.enter()?;
+        for i in 0..nr {
+            // Inside the section just entered every write is queued: no error can come back.
+            self.set_pte(ptr_at(i), pte_at(i), va_at(i))?;
+        }
+        self.leave()
+    }
+
+    fn report_now(&mut self, refused: Collected) -> Result<(), MmuError> {
+        if refused.count > 0 {
+            self.last = refused;
+        }
+        refused.as_error()
+    }
+
+    /// Flush; keep any refusals for the call that ends the batching.
+    pub(crate) fn flush_deferred(&mut self, reason: FlushReason) {
+        let refused = self.flush_queue(reason);
+        self.pending.merge(&refused);
+    }
+
+    /// Flush; report this flush's refusals and any kept from earlier flushes.
+    fn flush_reported(&mut self, reason: FlushReason) -> Result<(), MmuError> {
+        let refused = self.flush_queue(reason);
+        let mut all = core::mem::replace(&mut self.pending, Collected::NONE);
+        all.merge(&refused);
+        self.report_now(all)
+    }
+}
+
+/// `set_ptes()`'s contract: `nr >= 1`, `addr` page aligned, `ptep` an entry address and the
+/// entry for `addr`, and all `nr` entries inside one L1 table. Overflow-proof for any input.
+pub fn check_set_ptes(addr: VirtAddr, ptep: MachAddr, nr: u64) -> Result<(), SetPtesRule> {
+    if nr == 0 {
+        return Err(SetPtesRule::ZeroCount);
+    }
+    if !addr.is_aligned(PAGE_SIZE) {
+        return Err(SetPtesRule::UnalignedAddress {
+            addr: addr.as_u64(),
+        });
+    }
+    if !ptep.is_entry_aligned() {
+        return Err(SetPtesRule::UnalignedPtep { ptep });
+    }
+    let ptep_index = ptep.entry_index();
+    let addr_index = u64::from(addr.p1_index());
+    if ptep_index != addr_index {
+        return Err(SetPtesRule::PtepMismatch {
+            addr_index,
+            ptep_index,
+        });
+    }
+    // ptep_index < 512, so the subtraction cannot wrap (unlike `ptep_index + nr`).
+    if nr > ENTRIES_PER_TABLE - ptep_index {
+        return Err(SetPtesRule::CrossesTable {
+            first_index: ptep_index,
+            nr,
+        });
+    }
+    Ok(())
+}
