@@ -111,7 +111,7 @@ fn banner(info: &xen::BootInfo) {
         crate::heap::HEAP_PAGES * 4,
         fs.allocated
     );
-    println!("  cmdline    \"{}\"", info.cmdline);
+    println!("  cmdline    \"{}\"", info.cmdline.escape_ascii());
 }
 
 /// Ask Xen to end the domain; never returns. The console is drained first (boundedly) so that

@@ -57,7 +57,8 @@ pub struct BootInfo {
     pub start_info_va: u64,
     pub console_mfn: u64,
     pub console_evtchn: u32,
-    pub cmdline: &'static str,
+    /// The command line's bytes up to its NUL (checked by `cmdline::parse_bytes`, not here).
+    pub cmdline: &'static [u8],
     /// First pseudo-physical frame after everything Xen put in the boot mapping.
     pub first_free_pfn: u64,
 }
@@ -149,12 +150,12 @@ pub fn validate_start_info(
     // SAFETY: `cmd_line` is an i8 array; reading it as bytes of the same length is sound.
     let cmd_bytes: &'static [u8; 1024] =
         unsafe { &*(&si.cmd_line as *const _ as *const [u8; 1024]) };
+    // Xen always terminates it; a line without NUL is reported by the command-line parser.
     let cmd_len = cmd_bytes
         .iter()
         .position(|&b| b == 0)
-        .ok_or(StartInfoError("cmd_line is not NUL-terminated", 1024))?;
-    let cmdline = core::str::from_utf8(&cmd_bytes[..cmd_len])
-        .map_err(|_| StartInfoError("cmd_line is not UTF-8", cmd_len as u64))?;
+        .unwrap_or(cmd_bytes.len());
+    let cmdline = &cmd_bytes[..cmd_len];
 
     if !in_domain(start_info_va, PAGE_SIZE) {
         return Err(StartInfoError(
