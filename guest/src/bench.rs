@@ -98,7 +98,7 @@ impl Setup {
 fn prepare(max_n: u64) -> Result<Setup, crate::mm::MmError> {
     let pool = frames::alloc_run(POOL)?;
     for (i, f) in pool.iter().enumerate() {
-        // SAFETY: fresh frames, ours alone, mapped read-write in the linear map.
+        // SAFETY: fresh frames, ours alone, mapped read-write.
         unsafe { (f.va() as *mut u64).write_volatile(0xbe9c_0000 + i as u64) };
     }
     let mut tables = Vec::new();
@@ -151,7 +151,13 @@ fn batch_tables<const E: usize, const R: usize>(
     let mut i = 0;
     while i < n {
         let nr = (n - i).min(TABLE);
-        l.set_ptes(Setup::va(i), s.ptep(i).0, nr, |k| first.next_pfn(k).0)?;
+        let next = |k| {
+            first
+                .next_pfn(k)
+                .expect("the pool is the domain's frames")
+                .0
+        };
+        l.set_ptes(Setup::va(i), s.ptep(i).0, nr, next)?;
         i += nr;
     }
     if clear {

@@ -49,6 +49,9 @@ pub unsafe extern "C" fn kernel_start(si: *const start_info, boot_stack_top: u64
     }
     xen::map_shared_info(info).expect("cannot map shared_info");
     crate::traps::install();
+    if let Err(e) = xen::init_m2p() {
+        panic!("XENMEM_machphys_mapping: {e}");
+    }
     if let Err(e) = crate::mm::init(info) {
         panic!("memory management: {e}");
     }
@@ -97,13 +100,18 @@ fn banner(info: &xen::BootInfo) {
     );
     let fs = crate::mm::frames::stats();
     println!(
-        "  linear map up to pfn {:#x}; heap {:#x} ({} KiB); {} frames allocated",
+        "  mapped up to pfn {:#x} (boot mapping, then direct map at {:#x}); M2P {} entries",
         fs.mapped_end_pfn,
+        xen::DIRECT_MAP_BASE,
+        xen::m2p_entries()
+    );
+    println!(
+        "  heap {:#x} ({} KiB); {} frames allocated",
         crate::heap::HEAP_VA,
         crate::heap::HEAP_PAGES * 4,
         fs.allocated
     );
-    println!("  cmdline    \"{}\"", info.cmdline);
+    println!("  cmdline    \"{}\"", info.cmdline.escape_ascii());
 }
 
 /// Ask Xen to end the domain; never returns. The console is drained first (boundedly) so that

@@ -8,7 +8,7 @@ use crate::mm::{MmError, pagetable};
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
 
-/// Where the heap lives: its own L4 slot, far from the image and the linear map.
+/// Where the heap lives: its own L4 slot, far from the image and the direct map.
 pub const HEAP_VA: u64 = 0xFFFF_C900_0000_0000;
 pub const HEAP_PAGES: u64 = 1024;
 

@@ -77,9 +77,10 @@ pub fn failed(msg: impl core::fmt::Display) -> TestFail {
     TestFail::Failed(alloc::format!("{msg}"))
 }
 
-/// Parse the command line, run what it selects, and return the overall verdict.
-pub fn run_from_cmdline(line: &str) -> Verdict {
-    let options = match cmdline::parse(line) {
+/// Parse the command line (its bytes as Xen passed them), run what it selects, and return the
+/// overall verdict.
+pub fn run_from_cmdline(line: &[u8]) -> Verdict {
+    let options = match cmdline::parse_bytes(line) {
         Ok(o) => o,
         Err(e) => {
             println!("error: command line: {e}");

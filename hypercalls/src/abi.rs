@@ -5,7 +5,8 @@ use crate::addr::{MachAddr, Mfn, Pte};
 pub use xen_sys::{
     __HYPERVISOR_console_io as HYPERVISOR_CONSOLE_IO,
     __HYPERVISOR_event_channel_op as HYPERVISOR_EVENT_CHANNEL_OP,
-    __HYPERVISOR_iret as HYPERVISOR_IRET, __HYPERVISOR_mmu_update as HYPERVISOR_MMU_UPDATE,
+    __HYPERVISOR_iret as HYPERVISOR_IRET, __HYPERVISOR_memory_op as HYPERVISOR_MEMORY_OP,
+    __HYPERVISOR_mmu_update as HYPERVISOR_MMU_UPDATE,
     __HYPERVISOR_mmuext_op as HYPERVISOR_MMUEXT_OP, __HYPERVISOR_multicall as HYPERVISOR_MULTICALL,
     __HYPERVISOR_sched_op as HYPERVISOR_SCHED_OP,
     __HYPERVISOR_set_trap_table as HYPERVISOR_SET_TRAP_TABLE,
@@ -37,6 +38,20 @@ pub const UVMF_LOCAL: u64 = 0;
 
 /// Count bit Xen sets on a preempted `mmu_update` continuation: a guest must never pass it.
 pub const MMU_UPDATE_PREEMPTED: u32 = 1 << 31;
+
+/// `memory_op` sub-command: where the M2P table is and the largest machine frame it covers
+/// (memory.h). Missing from xen-sys.
+pub const XENMEM_MACHPHYS_MAPPING: u32 = 12;
+
+/// `struct xen_machphys_mapping` (memory.h): the M2P spans `v_start..v_end`; `max_mfn` is the
+/// largest machine frame number that can be looked up in it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MachphysMapping {
+    pub v_start: u64,
+    pub v_end: u64,
+    pub max_mfn: u64,
+}
 
 /// `xen_version` sub-commands (version.h).
 pub const XENVER_VERSION: u32 = 0;

@@ -181,6 +181,23 @@ pub unsafe fn multicall(entries: &mut [MulticallEntry]) -> Result<(), XenError> 
     XenError::check(ret).map(drop)
 }
 
+/// `memory_op(XENMEM_machphys_mapping)`: where Xen maps the M2P table and its last frame.
+pub fn machphys_mapping() -> Result<MachphysMapping, XenError> {
+    let mut out = MachphysMapping::default();
+    // SAFETY: Xen writes one `xen_machphys_mapping` into the struct, which outlives the call.
+    let ret = unsafe {
+        hypercall(
+            HYPERVISOR_MEMORY_OP,
+            XENMEM_MACHPHYS_MAPPING as u64,
+            &mut out as *mut _ as u64,
+            0,
+            0,
+            0,
+        )
+    };
+    XenError::check(ret).map(|_| out)
+}
+
 /// `event_channel_op(EVTCHNOP_send, port)`.
 pub fn evtchn_send(port: u32) -> Result<(), XenError> {
     let arg = EvtchnSend { port };

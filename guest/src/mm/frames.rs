@@ -1,14 +1,48 @@
 //! Free pseudo-physical frames: the domain's memory after everything Xen put in the boot
-//! mapping. Frames are handed out mapped read-write in the kernel's linear map
-//! (`VIRT_BASE + pfn * 4096`); the linear map grows one L1 table (2 MiB) at a time, with the
-//! lazy-MMU API, before the mapped frames run out.
+//! mapping. Frames are handed out mapped read-write: the rest of Xen's boot mapping first
+//! (`VIRT_BASE + pfn * 4096`), then the direct map (`DIRECT_MAP_BASE + pfn * 4096`), which
+//! grows one L1 table (2 MiB) at a time, with the lazy-MMU API, before the mapped frames run out.
+//! Nothing beyond what the allocator has reached is mapped, so any amount of memory Xen gives
+//! the domain costs only its P2M.
+
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::MmError;
 use super::pagetable;
 use super::pte::{self, KERNEL_RW, Pte};
-use crate::xen::{self, PAGE_SIZE};
+use crate::xen::{self, DIRECT_MAP_BASE, PAGE_SIZE, VIRT_BASE};
 
-/// A frame we own, mapped read-write at [`Frame::va`] in the linear map.
+/// Frames below this are mapped by Xen's boot mapping at `VIRT_BASE` (set by [`init`]).
+static BOOT_MAP_END_PFN: AtomicU64 = AtomicU64::new(0);
+/// Frames from [`BOOT_MAP_END_PFN`] up to this are mapped in the direct map.
+static MAPPED_END_PFN: AtomicU64 = AtomicU64::new(0);
+
+/// Frames below this are in Xen's boot mapping. Before [`init`] found its end, the boot
+/// structures (everything Xen placed up to the boot stack) are known to be.
+fn boot_map_end() -> u64 {
+    BOOT_MAP_END_PFN
+        .load(Ordering::Relaxed)
+        .max(xen::boot_info().first_free_pfn)
+}
+
+/// Kernel virtual address of pseudo-physical frame `pfn` (`pfn < nr_pages`): in the boot
+/// mapping or in the direct map, whether or not that part is mapped yet.
+pub fn va_of(pfn: u64) -> u64 {
+    if pfn < boot_map_end() {
+        VIRT_BASE + pfn * PAGE_SIZE
+    } else {
+        DIRECT_MAP_BASE.wrapping_add(pfn.wrapping_mul(PAGE_SIZE))
+    }
+}
+
+/// Where frame `pfn` can be read now: `Some` only if the boot mapping or the direct map maps
+/// it (read-write for the allocator's frames, read-only for page tables).
+pub fn mapped_va(pfn: u64) -> Option<u64> {
+    let mapped = pfn < boot_map_end() || pfn < MAPPED_END_PFN.load(Ordering::Acquire);
+    mapped.then(|| va_of(pfn))
+}
+
+/// A frame we own, mapped read-write at [`Frame::va`] (boot mapping or direct map).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Frame {
     pub pfn: u64,
@@ -16,25 +50,24 @@ pub struct Frame {
 }
 
 impl Frame {
-    pub fn from_pfn(pfn: u64) -> Frame {
-        Frame {
-            pfn,
-            mfn: xen::pfn_to_mfn(pfn),
-        }
+    /// The frame `pfn` of the allocator's range (below `nr_pages`).
+    fn from_pfn(pfn: u64) -> Frame {
+        let mfn = xen::pfn_to_mfn(pfn).expect("the allocator hands out frames below nr_pages");
+        Frame { pfn, mfn }
     }
 
     pub fn va(&self) -> u64 {
-        xen::pfn_to_va(self.pfn)
+        va_of(self.pfn)
     }
 }
 
-/// Mapped frames kept back so that growing the linear map can take its page tables from them.
+/// Mapped frames kept back so that growing the direct map can take its page tables from them.
 const RESERVE: u64 = 4;
 
 struct FrameAllocator {
     /// Next never-used frame.
     next_pfn: u64,
-    /// Frames below this are mapped in the linear map.
+    /// Frames below this are mapped (boot mapping, then direct map).
     mapped_end_pfn: u64,
     nr_pages: u64,
     /// Returned frames, linked through their first word (pfn + 1; 0 ends the list).
@@ -62,21 +95,23 @@ pub struct FrameStats {
 
 /// Find where the boot mapping ends and start handing out frames after Xen's boot structures.
 pub fn init(info: &xen::BootInfo) -> Result<(), MmError> {
+    let limit = info.nr_pages.min(xen::BOOT_MAP_MAX_PAGES);
+    let boot_va = |pfn: u64| VIRT_BASE + pfn * PAGE_SIZE;
     let mut end = info.first_free_pfn;
-    while end < info.nr_pages
-        && pagetable::lookup(xen::pfn_to_va(end))?.is_some_and(|p| p.is_present())
-    {
+    while end < limit && pagetable::lookup(boot_va(end))?.is_some_and(|p| p.is_present()) {
         end += 1;
     }
     // The boot mapping maps frame N at VIRT_BASE + N pages: check the last one to be sure.
     if end > 0 {
-        let last = pagetable::lookup(xen::pfn_to_va(end - 1))?.expect("boot mapping has holes");
+        let last = pagetable::lookup(boot_va(end - 1))?.expect("boot mapping has holes");
         assert_eq!(
-            last.mfn(),
+            Some(last.mfn()),
             xen::pfn_to_mfn(end - 1),
             "boot mapping is not the linear map"
         );
     }
+    BOOT_MAP_END_PFN.store(end, Ordering::Relaxed);
+    MAPPED_END_PFN.store(end, Ordering::Release);
     let mut f = FRAMES.lock();
     f.next_pfn = info.first_free_pfn;
     f.mapped_end_pfn = end;
@@ -92,7 +127,7 @@ pub fn stats() -> FrameStats {
     }
 }
 
-/// Grow the linear map (a table at a time) until at least `wanted` never-used frames beyond the
+/// Grow the direct map (a table at a time) until at least `wanted` never-used frames beyond the
 /// reserve are mapped, or the domain's memory ends. Growth itself takes its page tables from
 /// the reserve.
 fn ensure_spare(wanted: u64) -> Result<(), MmError> {
@@ -108,22 +143,23 @@ fn ensure_spare(wanted: u64) -> Result<(), MmError> {
             let table_end = (start / 512 + 1) * 512;
             (start, table_end.min(f.nr_pages))
         };
-        let grown = grow_linear_map(growth.0, growth.1);
+        let grown = grow_direct_map(growth.0, growth.1);
         let mut f = FRAMES.lock();
         f.growing = false;
         grown?;
         f.mapped_end_pfn = growth.1;
+        MAPPED_END_PFN.store(growth.1, Ordering::Release);
     }
 }
 
 fn zeroed(pfn: u64) -> Frame {
     let frame = Frame::from_pfn(pfn);
-    // SAFETY: the frame is ours alone and mapped read-write in the linear map.
+    // SAFETY: the frame is ours alone and mapped read-write (boot mapping or direct map).
     unsafe { core::ptr::write_bytes(frame.va() as *mut u8, 0, PAGE_SIZE as usize) };
     frame
 }
 
-/// A zeroed frame, mapped read-write in the linear map.
+/// A zeroed frame, mapped read-write (boot mapping or direct map).
 pub fn alloc_zeroed() -> Result<Frame, MmError> {
     if FRAMES.lock().free_head == 0 {
         ensure_spare(1)?;
@@ -132,7 +168,7 @@ pub fn alloc_zeroed() -> Result<Frame, MmError> {
     let pfn = if f.free_head != 0 {
         let pfn = f.free_head - 1;
         // SAFETY: a listed frame is ours, mapped read-write, and holds the link in word 0.
-        f.free_head = unsafe { core::ptr::read(xen::pfn_to_va(pfn) as *const u64) };
+        f.free_head = unsafe { core::ptr::read(va_of(pfn) as *const u64) };
         pfn
     } else if f.next_pfn < f.mapped_end_pfn {
         f.next_pfn += 1;
@@ -148,7 +184,7 @@ pub fn alloc_zeroed() -> Result<Frame, MmError> {
 }
 
 /// `n` zeroed frames with consecutive pseudo-physical numbers (what `set_ptes` advances over),
-/// mapped read-write in the linear map.
+/// mapped read-write (boot mapping or direct map).
 pub fn alloc_run(n: u64) -> Result<alloc::vec::Vec<Frame>, MmError> {
     ensure_spare(n)?;
     let first = {
@@ -165,7 +201,7 @@ pub fn alloc_run(n: u64) -> Result<alloc::vec::Vec<Frame>, MmError> {
     Ok((first..first + n).map(zeroed).collect())
 }
 
-/// Give a frame back. It must be mapped read-write in the linear map (not a page table) and
+/// Give a frame back. It must be mapped read-write (boot mapping or direct map) (not a page table) and
 /// no longer mapped or used anywhere else.
 pub fn free(frame: Frame) {
     // Handing back a boot frame or a page table would corrupt the kernel: a BUG, caught here.
@@ -185,16 +221,20 @@ pub fn free(frame: Frame) {
         frame.pfn
     );
     let mut f = FRAMES.lock();
-    // SAFETY: the caller hands the frame over; its linear mapping is read-write.
+    // SAFETY: the caller hands the frame over; its mapping is read-write.
     unsafe { core::ptr::write(frame.va() as *mut u64, f.free_head) };
     f.free_head = frame.pfn + 1;
     f.allocated -= 1;
 }
 
-/// Map frames `start..end` (one L1 table's worth at most) into the linear map.
-fn grow_linear_map(start: u64, end: u64) -> Result<(), MmError> {
-    let va = xen::pfn_to_va(start);
+/// Map frames `start..end` (one L1 table's worth at most, beyond the boot mapping, below
+/// `nr_pages`) into the direct map.
+fn grow_direct_map(start: u64, end: u64) -> Result<(), MmError> {
+    let va = va_of(start);
     let ptep = pagetable::ensure_l1(va)?;
-    pte::set_ptes(va, ptep, Pte::from_pfn(start, KERNEL_RW), end - start)?;
+    let first = Pte::from_pfn(start, KERNEL_RW).ok_or(MmError::OutOfMemory {
+        nr_pages: xen::boot_info().nr_pages,
+    })?;
+    pte::set_ptes(va, ptep, first, end - start)?;
     Ok(())
 }

@@ -30,6 +30,9 @@ pub enum MmError {
     ReservedAddress { va: u64 },
     /// A superpage mapping covers the address at `level`; there is no L1 entry to write.
     HugePage { va: u64, level: u32 },
+    /// The machine address is not in a frame of this domain (beyond Xen's M2P table, or
+    /// another domain's or Xen's frame): it cannot be read as a page-table entry.
+    ForeignFrame { maddr: u64 },
     /// The lazy-MMU layer or Xen refused.
     Mmu(MmuError),
 }
@@ -54,6 +57,12 @@ impl fmt::Display for MmError {
             }
             MmError::HugePage { va, level } => {
                 write!(f, "address {va:#x} is mapped by a superpage at L{level}")
+            }
+            MmError::ForeignFrame { maddr } => {
+                write!(
+                    f,
+                    "machine address {maddr:#x} is not in a frame of this domain"
+                )
             }
             MmError::Mmu(e) => write!(f, "{e}"),
         }

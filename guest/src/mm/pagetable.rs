@@ -1,8 +1,8 @@
 //! Walking and growing the live 4-level page tables.
 //!
 //! Xen PV page tables hold machine frames and are read-only to the guest: we read them through
-//! the linear map (M2P gives the frame's pseudo-physical number) and change them only with
-//! hypercalls. Entries are read with `pte::ptep_get`, so a walk sees writes still queued in a
+//! the kernel's mappings of the domain's frames (M2P gives the frame's pseudo-physical number)
+//! and change them only with hypercalls. Entries are read with `pte::ptep_get`, so a walk sees writes still queued in a
 //! lazy section (the read flushes them first).
 
 use hypercalls::abi::{MMUEXT_PIN_L1_TABLE, MMUEXT_PIN_L2_TABLE, MMUEXT_PIN_L3_TABLE, mmuext_mfn};
@@ -28,6 +28,7 @@ fn index(va: u64, level: u32) -> u64 {
 pub fn l4_mfn() -> u64 {
     let info = xen::boot_info();
     xen::pfn_to_mfn((info.pt_base - VIRT_BASE) / xen::PAGE_SIZE)
+        .expect("pt_base lies in the boot mapping (validated)")
 }
 
 fn entry_ptr(table_mfn: u64, idx: u64) -> PtePtr {
@@ -48,7 +49,7 @@ pub fn l1_entry(va: u64) -> Result<Option<PtePtr>, MmError> {
     check_va(va)?;
     let mut table = l4_mfn();
     for level in [4, 3, 2] {
-        let e = pte::ptep_get(entry_ptr(table, index(va, level)));
+        let e = pte::ptep_get(entry_ptr(table, index(va, level)))?;
         if !e.is_present() {
             return Ok(None);
         }
@@ -63,7 +64,7 @@ pub fn l1_entry(va: u64) -> Result<Option<PtePtr>, MmError> {
 /// The L1 entry value that maps `va` (`None` if no L1 table covers it).
 pub fn lookup(va: u64) -> Result<Option<Pte>, MmError> {
     match l1_entry(va)? {
-        Some(p) => Ok(Some(pte::ptep_get(p))),
+        Some(p) => Ok(Some(pte::ptep_get(p)?)),
         None => Ok(None),
     }
 }
@@ -76,7 +77,7 @@ pub fn ensure_l1(va: u64) -> Result<PtePtr, MmError> {
     let mut table = l4_mfn();
     for level in [4, 3, 2] {
         let slot = entry_ptr(table, index(va, level));
-        let e = pte::ptep_get(slot);
+        let e = pte::ptep_get(slot)?;
         if e.is_present() {
             if e.flags().contains(PageTableFlags::HUGE_PAGE) {
                 return Err(MmError::HugePage { va, level });

@@ -15,6 +15,7 @@ use hypercalls::abi::{MMUEXT_INVLPG_LOCAL, MMUEXT_TLB_FLUSH_LOCAL};
 use hypercalls::abi::{MmuextOp, UVMF_INVLPG, mmuext_plain, mmuext_va};
 use x86_64::structures::paging::PageTableFlags;
 
+use super::MmError;
 use super::lazy::{Counters, LazyMmu, MmuError, SetPtesRule};
 use super::xen_hv::XenHv;
 use crate::xen;
@@ -50,18 +51,18 @@ impl Pte {
         Pte((mfn << 12) & FRAME_MASK | flags.bits())
     }
 
-    /// Map pseudo-physical frame `pfn` with `flags` (P2M translation).
-    pub fn from_pfn(pfn: u64, flags: PageTableFlags) -> Pte {
-        Pte::from_mfn(xen::pfn_to_mfn(pfn), flags)
+    /// Map pseudo-physical frame `pfn` with `flags` (P2M translation); `None` beyond the domain.
+    pub fn from_pfn(pfn: u64, flags: PageTableFlags) -> Option<Pte> {
+        Some(Pte::from_mfn(xen::pfn_to_mfn(pfn)?, flags))
     }
 
     pub fn mfn(self) -> u64 {
         (self.0 & FRAME_MASK) >> 12
     }
 
-    /// Pseudo-physical frame (M2P translation).
-    pub fn pfn(self) -> u64 {
-        xen::mfn_to_pfn(self.mfn())
+    /// Pseudo-physical frame (M2P translation); `None` unless the machine frame is the domain's.
+    pub fn pfn(self) -> Option<u64> {
+        xen::owned_pfn(self.mfn())
     }
 
     pub fn flags(self) -> PageTableFlags {
@@ -72,12 +73,13 @@ impl Pte {
         self.0 & PageTableFlags::PRESENT.bits() != 0
     }
 
-    /// The same flags on the next pseudo-physical frame (Linux: `pte_next_pfn`).
-    pub fn next_pfn(self, steps: u64) -> Pte {
+    /// The same flags `steps` pseudo-physical frames further on (Linux: `pte_next_pfn`); a
+    /// non-present entry stays as it is. `None` if that frame is not the domain's.
+    pub fn next_pfn(self, steps: u64) -> Option<Pte> {
         if !self.is_present() {
-            return self;
+            return Some(self);
         }
-        Pte::from_pfn(self.pfn() + steps, self.flags())
+        Pte::from_pfn(self.pfn()?.checked_add(steps)?, self.flags())
     }
 }
 
@@ -214,9 +216,11 @@ pub fn set_pte(ptep: PtePtr, pte: Pte, va: u64) -> Result<(), MmuError> {
 /// Linux's generic `set_ptes()`: `nr` consecutive entries from `ptep` (mapping `addr` onwards),
 /// the frame advancing by one page each step, inside its own lazy section.
 pub fn set_ptes(addr: u64, ptep: PtePtr, pte: Pte, nr: u64) -> Result<(), MmuError> {
-    // The frames must exist before anything is queued (the P2M lookups would fail mid-way).
+    // The frames must exist before anything is queued (the P2M lookups would fail mid-way). A
+    // machine frame that is not the domain's has no frame number: Xen's M2P says INVALID.
     if pte.is_present() {
-        let (first_pfn, nr_pages) = (pte.pfn(), xen::boot_info().nr_pages);
+        let first_pfn = pte.pfn().unwrap_or(xen::INVALID_PFN);
+        let nr_pages = xen::boot_info().nr_pages;
         if first_pfn >= nr_pages || nr > nr_pages - first_pfn {
             let rule = SetPtesRule::FramesBeyondDomain {
                 first_pfn,
@@ -226,13 +230,19 @@ pub fn set_ptes(addr: u64, ptep: PtePtr, pte: Pte, nr: u64) -> Result<(), MmuErr
             return Err(MmuError::SetPtes(rule));
         }
     }
-    let r = this_cpu().set_ptes(addr, ptep.0, nr, |i| pte.next_pfn(i).0);
+    // Every frame was checked above to be the domain's.
+    let next = |i| pte.next_pfn(i).expect("set_ptes: frames checked").0;
+    let r = this_cpu().set_ptes(addr, ptep.0, nr, next);
     bug_on_misuse(r)
 }
 
-/// Read an entry, flushing first if a queued write may change it.
-pub fn ptep_get(ptep: PtePtr) -> Pte {
-    Pte(this_cpu().read_pte(ptep.0))
+/// Read an entry, flushing first if a queued write may change it. Any frame of the domain can
+/// be read (page tables or not); a machine address outside the domain's frames is an error.
+pub fn ptep_get(ptep: PtePtr) -> Result<Pte, MmError> {
+    if xen::owned_pfn(ptep.0 >> 12).is_none() {
+        return Err(MmError::ForeignFrame { maddr: ptep.0 });
+    }
+    Ok(Pte(this_cpu().read_pte(ptep.0)))
 }
 
 /// Queue (or issue) an `mmuext_op`.

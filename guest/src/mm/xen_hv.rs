@@ -1,10 +1,12 @@
 //! The lazy-MMU core's [`Hypervisor`] over real hypercalls: marshals queued entries into
-//! `multicall_entry`s and reads page-table entries through the kernel's linear map.
+//! `multicall_entry`s and reads page-table entries through the kernel's mappings of the domain's
+//! frames (boot mapping, direct map), or a one-page window for a frame not mapped there.
 
 use hypercalls::abi::{DOMID_SELF, MmuUpdate, MmuextOp};
 use hypercalls::multicall::{self, EMPTY_ENTRY};
 use hypercalls::{PartialFailure, XenError, calls};
 
+use super::frames;
 use super::lazy::{DEFAULT_ENTRIES, Entry, EntryOutcome, Hypervisor};
 use crate::xen;
 
@@ -77,15 +79,37 @@ impl Hypervisor for XenHv {
     }
 
     fn read_pte(&self, ptr: u64) -> u64 {
-        let pfn = xen::mfn_to_pfn(ptr >> 12);
-        let nr_pages = xen::boot_info().nr_pages;
-        assert!(
-            pfn < nr_pages,
-            "read_pte: machine address {ptr:#x} is not in a frame of this domain (pfn {pfn:#x})"
-        );
-        let va = xen::pfn_to_va(pfn) + (ptr & 0xff8);
-        // SAFETY: page-table frames are in the linear map (boot tables in the boot area, new
-        // ones come from the frame allocator), mapped read-only; the read has no side effects.
-        unsafe { core::ptr::read_volatile(va as *const u64) }
+        // `mm::pte::ptep_get` checks the frame before it gets here; anything else is a bug.
+        let Some(pfn) = xen::owned_pfn(ptr >> 12) else {
+            panic!("BUG: read_pte: machine address {ptr:#x} is not in a frame of this domain");
+        };
+        match frames::mapped_va(pfn) {
+            // SAFETY: the frame is mapped there (read-write, or read-only for a page table),
+            // `ptr & 0xff8` is an aligned offset inside it, and the read has no side effects.
+            Some(va) => unsafe { core::ptr::read_volatile((va + (ptr & 0xff8)) as *const u64) },
+            None => peek(ptr).unwrap_or_else(|e| panic!("read_pte: cannot map {ptr:#x}: {e}")),
+        }
     }
+}
+
+/// The window for reading a frame that neither the boot mapping nor the direct map covers yet.
+static PEEK_SLOT: xen::SharedPageSlot = xen::SharedPageSlot::new();
+static PEEK_LOCK: spin::Mutex<()> = spin::Mutex::new(());
+
+/// Read the entry at machine address `ptr` of one of the domain's frames through a temporary
+/// read-only mapping (two hypercalls). Public for the tests, which compare it with a direct read.
+pub fn peek(ptr: u64) -> Result<u64, XenError> {
+    let mfn = ptr >> 12;
+    if xen::owned_pfn(mfn).is_none() {
+        return Err(XenError::Inval);
+    }
+    let _guard = PEEK_LOCK.lock();
+    // SAFETY: nothing references the slot's contents outside this lock; the frame is ours, and
+    // a read-only mapping of it is allowed whatever its type (Xen checks).
+    unsafe { PEEK_SLOT.map_machine_frame_ro(Some(mfn))? };
+    // SAFETY: the slot maps the frame now; `ptr & 0xff8` is an aligned offset inside it.
+    let value = unsafe { core::ptr::read_volatile((PEEK_SLOT.va() + (ptr & 0xff8)) as *const u64) };
+    // SAFETY: as above; unmapping leaves no stale window onto the frame.
+    unsafe { PEEK_SLOT.map_machine_frame_ro(None)? };
+    Ok(value)
 }

@@ -61,9 +61,10 @@ pub fn start_info(_: &Context) -> TestOutcome {
     // P2M and M2P must be inverse for every frame we own.
     for pfn in 0..info.nr_pages {
         let mfn = xen::pfn_to_mfn(pfn);
-        let back = xen::mfn_to_pfn(mfn);
-        ensure_eq!(back, pfn, "M2P[P2M[{pfn:#x}] = {mfn:#x}]");
+        let back = mfn.and_then(xen::mfn_to_pfn);
+        ensure_eq!(back, Some(pfn), "M2P[P2M[{pfn:#x}] = {mfn:#x?}]");
     }
+    ensure_eq!(xen::pfn_to_mfn(info.nr_pages), None, "P2M beyond nr_pages");
     // pt_base is the L4 Xen loaded: its frame is a page of the boot mapping.
     let l4_pfn = (info.pt_base - xen::VIRT_BASE) / xen::PAGE_SIZE;
     ensure!(

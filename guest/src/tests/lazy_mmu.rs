@@ -232,7 +232,7 @@ pub fn move_ptes(ctx: &Context) -> TestOutcome {
     let (raw0, c0) = (issued(), pte::counters());
     pte::enter();
     for i in 0..N {
-        let old = pte::ptep_get(src_ptes[i as usize]);
+        let old = pte::ptep_get(src_ptes[i as usize]).map_err(failed)?;
         pte::set_pte(src_ptes[i as usize], Pte::NONE, src + i * PAGE_SIZE).map_err(failed)?;
         pte::set_ptes(dst + i * PAGE_SIZE, dst_ptes[i as usize], old, 1).map_err(failed)?;
         ensure!(pte::is_active(), "nested leave ended lazy mode at page {i}");
@@ -472,6 +472,8 @@ pub fn api_misuse(_: &Context) -> TestOutcome {
     let raw0 = issued();
     let last = ptes[0].offset(511);
     let nr_pages = crate::xen::boot_info().nr_pages;
+    let last_frame =
+        Pte::from_pfn(nr_pages - 1, KERNEL_RW).ok_or_else(|| failed("no P2M entry"))?;
     let cases = [
         (pte::set_ptes(va, ptes[0], pte0, 0), SetPtesRule::ZeroCount),
         (
@@ -493,7 +495,7 @@ pub fn api_misuse(_: &Context) -> TestOutcome {
             },
         ),
         (
-            pte::set_ptes(va, ptes[0], Pte::from_pfn(nr_pages - 1, KERNEL_RW), 2),
+            pte::set_ptes(va, ptes[0], last_frame, 2),
             SetPtesRule::FramesBeyondDomain {
                 first_pfn: nr_pages - 1,
                 nr: 2,

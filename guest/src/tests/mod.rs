@@ -4,6 +4,7 @@
 use crate::testing::TestCase;
 
 mod basics;
+mod frames;
 mod lazy_mmu;
 mod stress;
 
@@ -81,6 +82,16 @@ pub static TESTS: &[TestCase] = &[
         "api_misuse",
         "set_ptes contract and unbalanced leave are refused, nothing lost",
         lazy_mmu::api_misuse,
+    ),
+    test(
+        "ptep_get_any_frame",
+        "ptep_get reads any frame of the domain; other frames are an error, not a #PF",
+        frames::ptep_get_any_frame,
+    ),
+    test(
+        "set_ptes_bad_frame",
+        "set_ptes with a machine frame that is not the domain's is refused, not a #PF",
+        frames::set_ptes_bad_frame,
     ),
     test(
         "stress",

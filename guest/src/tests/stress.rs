@@ -123,7 +123,7 @@ pub fn stress(ctx: &Context) -> TestOutcome {
     // Learn what Xen adds to a kernel mapping by writing one and reading it back.
     let probe = Pte::from_mfn(frames[0].mfn, KERNEL_RW);
     pte::set_pte(tables[0], probe, base).map_err(failed)?;
-    let stored = pte::ptep_get(tables[0]);
+    let stored = pte::ptep_get(tables[0]).map_err(failed)?;
     pte::set_pte(tables[0], Pte::NONE, base).map_err(failed)?;
     ensure_eq!(
         stored.0 & !0xfff0_0000_0000_0fff,
