@@ -237,6 +237,29 @@ pub fn check_all<const E: usize, const R: usize>(
     Ok(stats)
 }
 
+/// Check one program (of any length) on a batch of `E` entries and `R` requests, with the same
+/// rules as [`check_all`]; for random long programs.
+pub fn check_program<const E: usize, const R: usize>(program: &[Sym]) -> Result<Stats, Failure> {
+    let mut model = Model::new();
+    let world = World::new(&mut model);
+    model.logging = false;
+    let mut node = Node::<E, R> {
+        lazy: LazyMmu::new(model.clone()),
+        reference: model,
+        outstanding: Vec::new(),
+    };
+    let mut stats = Stats::default();
+    for (i, &sym) in program.iter().enumerate() {
+        step(&world, &mut node, sym, &mut stats).map_err(|message| Failure {
+            program: program[..=i].to_vec(),
+            message,
+        })?;
+        stats.executed += 1;
+    }
+    stats.programs = 1;
+    Ok(stats)
+}
+
 /// Programs of length 1..=n over the alphabet.
 fn programs_up_to(n: usize) -> u64 {
     let a = ALPHABET.len() as u64;
