@@ -12,9 +12,11 @@
 //! * leaf writes, `update_va_mapping` and TLB operations: idempotent, and whether Xen accepts one
 //!   does not depend on the others (a leaf write only takes or drops a *writable* type reference,
 //!   which never changes whether another leaf write is accepted);
-//! * at most one request that changes page types (a table hook or unhook, a pin, an unpin), and
-//!   only as the batch's first: queuing one flushes everything before it
-//!   ([`FlushReason::TypeChange`]). A type change never runs early, and never runs twice.
+//! * requests that change page types (a table hook or unhook, a pin, an unpin) only at the
+//!   start of an entry, and only where nothing before them can be held up: queuing one flushes
+//!   the batch first if some entry holds several requests ([`FlushReason::TypeChange`]). A type
+//!   change never runs early or late, and is never reissued (the replay starts after the
+//!   refused request).
 //!
 //! Refusals are recorded in queue order; results of entries that ran early are ignored, since
 //! they run again in order.

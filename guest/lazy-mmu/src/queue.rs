@@ -40,6 +40,8 @@ pub struct Queue<const E: usize, const R: usize> {
     ptr_hi: u64,
     /// Queued `update_va_mapping`s (their entry is found by a walk: any read may be affected).
     n_va_updates: usize,
+    /// Some entry holds more than one request: a refusal could hold requests up.
+    may_hold_up: bool,
 }
 
 impl<const E: usize, const R: usize> Queue<E, R> {
@@ -67,6 +69,7 @@ impl<const E: usize, const R: usize> Queue<E, R> {
             ptr_lo: u64::MAX,
             ptr_hi: 0,
             n_va_updates: 0,
+            may_hold_up: false,
         }
     }
 
@@ -128,8 +131,9 @@ impl<const E: usize, const R: usize> Queue<E, R> {
         matches!(self.entries().last(), Some(Entry::Updates { .. }))
     }
 
-    pub(crate) fn has_room_for_request(&self) -> bool {
-        self.n_reqs < R && (self.last_is_updates() || self.n_entries < E)
+    /// Room for a request; `alone`: it must start an entry of its own (a table entry).
+    pub(crate) fn has_room_for_request(&self, alone: bool) -> bool {
+        self.n_reqs < R && ((self.last_is_updates() && !alone) || self.n_entries < E)
     }
 
     pub(crate) fn has_room_for_op(&self, op: TableOp) -> bool {
@@ -141,18 +145,22 @@ impl<const E: usize, const R: usize> Queue<E, R> {
         self.n_entries < E
     }
 
-    /// Queue a write of `val` at `ptr` (`va`: the address it maps; `None` for a table entry).
+    /// Queue a write of `val` at `ptr` (`va`: the address it maps; `None` for a table entry,
+    /// which starts an entry of its own so that no refusal ahead of it can hold it up).
     /// The caller checked [`Queue::has_room_for_request`].
     pub(crate) fn push_request(&mut self, ptr: MachAddr, val: Pte, va: Option<VirtAddr>) {
-        debug_assert!(self.has_room_for_request());
+        let alone = va.is_none();
+        debug_assert!(self.has_room_for_request(alone));
         let at = self.n_reqs;
         self.reqs[at] = pt_update(ptr, val);
         self.req_va[at] = va;
         self.n_reqs += 1;
         self.ptr_lo = self.ptr_lo.min(ptr.get());
         self.ptr_hi = self.ptr_hi.max(ptr.get());
-        if let Some(Entry::Updates { count, .. }) = self.entries[..self.n_entries].last_mut() {
+        let last = self.entries[..self.n_entries].last_mut();
+        if let (Some(Entry::Updates { count, .. }), false) = (last, alone) {
             *count += 1;
+            self.may_hold_up = true;
         } else {
             self.push_entry(Entry::Updates {
                 first: at as u16,
@@ -172,6 +180,7 @@ impl<const E: usize, const R: usize> Queue<E, R> {
         if joins_run {
             if let Some(Entry::TableOps { count, .. }) = self.entries[..self.n_entries].last_mut() {
                 *count += 1;
+                self.may_hold_up = true;
             }
         } else {
             self.push_entry(Entry::TableOps {
@@ -195,6 +204,12 @@ impl<const E: usize, const R: usize> Queue<E, R> {
         self.tlb_run_open = false;
     }
 
+    /// Could a refusal of a queued request hold up the requests behind it in its entry (so that
+    /// later entries would run before them)? Only if some entry holds several requests.
+    pub(crate) fn may_hold_up(&self) -> bool {
+        self.may_hold_up
+    }
+
     /// Could a queued request change the entry at `ptr`?
     pub(crate) fn may_write(&self, ptr: MachAddr) -> bool {
         let ptr = ptr.get() & !7;
@@ -212,6 +227,7 @@ impl<const E: usize, const R: usize> Queue<E, R> {
         self.ptr_lo = u64::MAX;
         self.ptr_hi = 0;
         self.n_va_updates = 0;
+        self.may_hold_up = false;
     }
 }
 

@@ -233,12 +233,22 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
     }
 
     /// Write `val` to the upper-level (L2..L4) entry at `ptr`: hook or unhook a table. This
-    /// changes page types, so whatever is queued is issued first (see [`FlushReason::TypeChange`]).
+    /// changes page types; see [`LazyMmu::before_type_change`].
     pub fn set_table_entry(&mut self, ptr: MachAddr, val: Pte) -> Result<(), MmuError> {
-        if self.is_active() {
+        self.before_type_change();
+        self.write(ptr, val, None)
+    }
+
+    /// A request that changes page types must run exactly in queue order: not before requests
+    /// queued ahead of it (in a multicall, requests held up behind a refused one in the same
+    /// entry run after all later entries) and not after later ones. So it starts an entry of
+    /// its own (never held up itself), and if any queued entry holds several requests, the
+    /// queue is issued first ([`FlushReason::TypeChange`]). Pins and hooks right after single
+    /// requests (e.g. a new table's remap, pin and hook) still share one multicall.
+    fn before_type_change(&mut self) {
+        if self.is_active() && self.queue.may_hold_up() {
             self.flush_deferred(FlushReason::TypeChange);
         }
-        self.write(ptr, val, None)
     }
 
     fn write(&mut self, ptr: MachAddr, val: Pte, va: Option<VirtAddr>) -> Result<(), MmuError> {
@@ -252,7 +262,7 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
             self.issue_now(&[req], |i| (i, request), &mut refused);
             return self.report_now(refused);
         }
-        if !self.queue.has_room_for_request() {
+        if !self.queue.has_room_for_request(va.is_none()) {
             self.flush_deferred(FlushReason::Full);
         }
         self.queue.push_request(ptr, val, va);
@@ -269,8 +279,9 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
             return self.report_now(refused);
         }
         if op.changes_types() {
-            self.flush_deferred(FlushReason::TypeChange);
-        } else if !self.queue.has_room_for_op(op) {
+            self.before_type_change();
+        }
+        if !self.queue.has_room_for_op(op) {
             self.flush_deferred(FlushReason::Full);
         }
         self.queue.push_op(op);

@@ -7,19 +7,29 @@ use hypercalls::abi::{
 
 use super::*;
 
-fn pin(m: &mut Model, level: u8, mfn: u64) -> Result<(), XenError> {
+fn pin(m: &mut Model, level: u8, frame: u64) -> Result<(), XenError> {
     let cmd = MMUEXT_PIN_L1_TABLE + level as u32 - 1;
-    m.mmuext_op(&[mmuext_mfn(cmd, mfn)]).map_err(|e| e.error)
+    m.mmuext_op(&[mmuext_mfn(cmd, mfn(frame))])
+        .map_err(|e| e.error)
 }
 
-fn unpin(m: &mut Model, mfn: u64) -> Result<(), XenError> {
-    m.mmuext_op(&[mmuext_mfn(MMUEXT_UNPIN_TABLE, mfn)])
+fn unpin(m: &mut Model, frame: u64) -> Result<(), XenError> {
+    m.mmuext_op(&[mmuext_mfn(MMUEXT_UNPIN_TABLE, mfn(frame))])
         .map_err(|e| e.error)
+}
+
+/// Machine address of entry `index` of frame `table`.
+fn at(table: u64, index: u64) -> MachAddr {
+    MachAddr::new(table << PAGE_SHIFT | (index * 8)).expect("a model frame")
 }
 
 fn write(m: &mut Model, table: u64, index: usize, val: u64) -> Result<(), XenError> {
-    m.mmu_update(&[pt_update(table << PAGE_SHIFT | (index as u64 * 8), val)])
+    m.mmu_update(&[pt_update(at(table, index as u64), Pte::from_raw(val))])
         .map_err(|e| e.error)
+}
+
+fn uva(m: &mut Model, va: u64, val: u64, flags: u64) -> Result<(), XenError> {
+    m.update_va_mapping(VirtAddr::new(va), Pte::from_raw(val), flags)
 }
 
 fn kernel_rw(mfn: u64) -> u64 {
@@ -176,7 +186,7 @@ fn l1_entries_for_frames_the_guest_does_not_own_are_refused() {
     // A non-present entry may hold anything.
     write(&mut m, s.l1s[0], 0, 0xdead << 12).unwrap();
     // The entry itself must be in a frame of the guest.
-    let r = m.mmu_update(&[pt_update(0xdead << 12, 0)]);
+    let r = m.mmu_update(&[pt_update(at(0xdead, 0), Pte::NONE)]);
     assert_eq!(
         r,
         Err(PartialFailure {
@@ -256,31 +266,28 @@ fn update_va_mapping_walks_from_the_root() {
     let mut m = Model::new();
     let s = m.build_space(2, 2);
     let va = Space::BASE_VA + 513 * 4096;
-    m.update_va_mapping(va, kernel_rw(s.data[1]), UVMF_INVLPG)
-        .unwrap();
+    uva(&mut m, va, kernel_rw(s.data[1]), UVMF_INVLPG).unwrap();
     assert_eq!(m.entry(s.l1s[1], 1), kernel_rw(s.data[1]));
     assert_eq!(m.invlpgs, [va]);
-    m.update_va_mapping(va, 0, UVMF_TLB_FLUSH).unwrap();
+    uva(&mut m, va, 0, UVMF_TLB_FLUSH).unwrap();
     assert_eq!(m.tlb_flushes, 1);
     let table = m.alloc();
     pin(&mut m, 1, table).unwrap();
-    assert_eq!(
-        m.update_va_mapping(va, kernel_rw(table), 0),
-        Err(XenError::Busy)
-    );
+    assert_eq!(uva(&mut m, va, kernel_rw(table), 0), Err(XenError::Busy));
     // No L1 table maps these.
     let unmapped = Space::BASE_VA + 512 * 512 * 4096;
-    assert_eq!(m.update_va_mapping(unmapped, 0, 0), Err(XenError::Inval));
+    assert_eq!(uva(&mut m, unmapped, 0, 0), Err(XenError::Inval));
     assert_eq!(
-        m.update_va_mapping(HYPERVISOR_VIRT_START, 0, 0),
+        uva(&mut m, HYPERVISOR_VIRT_START, 0, 0),
         Err(XenError::Inval)
     );
+    assert_eq!(m.counts.update_va_mapping, 5);
+    // A `VirtAddr` is always canonical; the raw hypercall still refuses what is not.
     assert_eq!(
-        m.update_va_mapping(1 << 47, 0, 0),
+        m.uva(1 << 47, 0, 0).0,
         Err(XenError::Inval),
         "not canonical"
     );
-    assert_eq!(m.counts.update_va_mapping, 6);
 }
 
 #[test]
@@ -290,21 +297,30 @@ fn a_multicall_runs_every_entry_and_reports_each() {
     let table = m.alloc();
     pin(&mut m, 1, table).unwrap();
     m.reset_stats();
-    let p = |i: u64| pt_update((s.l1s[0] << 12) | (i * 8), kernel_rw(s.data[0]));
+    let p = |i: u64| pt_update(at(s.l1s[0], i), Pte::from_raw(kernel_rw(s.data[0])));
     let reqs = [
         p(0),
-        pt_update(s.l1s[0] << 12 | 8, kernel_rw(table)),
+        pt_update(at(s.l1s[0], 1), Pte::from_raw(kernel_rw(table))),
         p(2),
         p(3),
     ];
-    let entries = [
-        Entry::MmuUpdate { first: 0, count: 3 },
-        Entry::Mmuext(mmuext_plain(MMUEXT_TLB_FLUSH_LOCAL)),
-        Entry::MmuUpdate { first: 3, count: 1 },
-        Entry::Mmuext(mmuext_mfn(MMUEXT_PIN_L2_TABLE, table)),
+    let ops = [
+        mmuext_plain(MMUEXT_TLB_FLUSH_LOCAL),
+        mmuext_mfn(MMUEXT_PIN_L2_TABLE, mfn(table)),
     ];
+    let entries = [
+        Entry::Updates { first: 0, count: 3 },
+        Entry::TableOps { first: 0, count: 1 },
+        Entry::Updates { first: 3, count: 1 },
+        Entry::TableOps { first: 1, count: 1 },
+    ];
+    let batch = Batch {
+        entries: &entries,
+        reqs: &reqs,
+        ops: &ops,
+    };
     let mut out = [EntryOutcome::default(); 4];
-    m.multicall(&entries, &reqs, &mut out).unwrap();
+    m.multicall(batch, &mut out).unwrap();
     assert_eq!(
         out.map(|o| (o.result, o.done)),
         [(-16, 1), (0, 1), (0, 1), (-22, 0)]
@@ -320,7 +336,13 @@ fn a_multicall_runs_every_entry_and_reports_each() {
     assert_eq!((m.counts.multicall, m.counts.multicall_entries), (1, 4));
     assert_eq!(m.counts.hypercalls(), 1);
     m.multicall_limit = 3;
-    assert_eq!(m.multicall(&entries, &reqs, &mut out), Err(XenError::Inval));
+    assert_eq!(
+        m.multicall(batch, &mut out),
+        Err(MulticallFailure {
+            ran: 0,
+            error: XenError::Inval
+        })
+    );
     assert_eq!(m.counts.rejected_multicalls, 1);
     assert_eq!(m.log.len(), 2);
     assert!(matches!(&m.log[1], Call::Multicall { calls, result: -22 } if calls.is_empty()));
