@@ -1,5 +1,8 @@
 //! What the batching did, for tests and the benchmark.
 
+/// How many flush reasons there are.
+pub const N_REASONS: usize = 8;
+
 /// Why a flush happened; counted per reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlushReason {
@@ -18,10 +21,12 @@ pub enum FlushReason {
     /// A request that changes page types (a table hook, a pin, an unpin) is queued only behind
     /// requests Xen has confirmed, so that a refusal can never let it run out of order.
     TypeChange,
+    /// The task that queued the batch is switched out.
+    ContextSwitch,
 }
 
 impl FlushReason {
-    pub const ALL: [FlushReason; 7] = [
+    pub const ALL: [FlushReason; N_REASONS] = [
         FlushReason::Full,
         FlushReason::Leave,
         FlushReason::NestedLeave,
@@ -29,6 +34,7 @@ impl FlushReason {
         FlushReason::ReadHazard,
         FlushReason::Pause,
         FlushReason::TypeChange,
+        FlushReason::ContextSwitch,
     ];
 
     pub fn name(self) -> &'static str {
@@ -40,6 +46,7 @@ impl FlushReason {
             FlushReason::ReadHazard => "read-hazard",
             FlushReason::Pause => "pause",
             FlushReason::TypeChange => "type-change",
+            FlushReason::ContextSwitch => "context-switch",
         }
     }
 }
@@ -58,7 +65,7 @@ pub struct Counters {
     /// Other operations (mmuext, update_va_mapping) handed to Xen.
     pub other_ops: u64,
     /// Non-empty flushes by reason, indexed like [`FlushReason::ALL`].
-    pub flushes: [u64; 7],
+    pub flushes: [u64; N_REASONS],
     /// Requests Xen refused.
     pub rejected: u64,
     /// Hypercalls that reissued what a refusal held up.
@@ -74,7 +81,7 @@ impl Counters {
         multicall_entries: 0,
         requests: 0,
         other_ops: 0,
-        flushes: [0; 7],
+        flushes: [0; N_REASONS],
         rejected: 0,
         replays: 0,
         multicall_failures: 0,
@@ -86,7 +93,7 @@ impl Counters {
 
     /// What happened between `earlier` (a snapshot of the same counters) and `self`.
     pub fn since(&self, earlier: &Counters) -> Counters {
-        let mut flushes = [0; 7];
+        let mut flushes = [0; N_REASONS];
         for (d, (now, then)) in flushes
             .iter_mut()
             .zip(self.flushes.iter().zip(&earlier.flushes))

@@ -33,6 +33,7 @@ use hypercalls::abi::pt_update;
 use hypercalls::{MachAddr, Pte, XenError};
 use x86_64::VirtAddr;
 
+use crate::context::TaskLazy;
 use crate::hypervisor::Hypervisor;
 use crate::model::{ACCESSED, Model, PRESENT, RW, Space, USER, mfn};
 use crate::program::Layout;
@@ -69,6 +70,11 @@ pub enum Sym {
     Unpin,
     /// Slot 1 ← a writable mapping of F (refused while F is a page table).
     MapF,
+    /// Switch to the other task (two tasks share the vCPU and its batch).
+    Switch,
+    /// An interrupt whose handler maps slot 2, reads slot 0 (a hazard if the interrupted code
+    /// queued a write to it), tries to enter, leave and flush, and clears slot 2.
+    Irq,
 }
 
 /// The whole alphabet.
@@ -88,6 +94,27 @@ pub const ALPHABET: [Sym; 15] = [
     Sym::Pin,
     Sym::Unpin,
     Sym::MapF,
+];
+
+/// The alphabet with two tasks and interrupts.
+pub const TASK_ALPHABET: [Sym; 17] = [
+    Sym::Enter,
+    Sym::Leave,
+    Sym::Pause,
+    Sym::Resume,
+    Sym::Flush,
+    Sym::Read,
+    Sym::SetA,
+    Sym::SetB,
+    Sym::Bad,
+    Sym::SetPtes2,
+    Sym::Invlpg,
+    Sym::Hook,
+    Sym::Pin,
+    Sym::Unpin,
+    Sym::MapF,
+    Sym::Switch,
+    Sym::Irq,
 ];
 
 /// The little address space every program runs in.
@@ -202,32 +229,54 @@ impl core::fmt::Display for Failure {
     }
 }
 
-/// Both worlds after a prefix, and the reference's refusals not yet reported.
+/// Both worlds after a prefix, and the reference's refusals not yet reported, per task.
 #[derive(Clone)]
 struct Node<const E: usize, const R: usize> {
     lazy: LazyMmu<Model, E, R>,
     reference: Model,
-    outstanding: Vec<(Request, XenError)>,
+    /// The running task (0 or 1) and the other one's saved lazy state.
+    current: usize,
+    saved: TaskLazy,
+    outstanding: [Vec<(Request, XenError)>; 2],
 }
 
-/// Check every program of length 1..=`max_len` whose first call is in `first` (the whole
-/// alphabet by default; a part of it to split the work), on a batch of `E` entries and `R`
+impl<const E: usize, const R: usize> Node<E, R> {
+    fn root() -> (World, Self) {
+        let mut model = Model::new();
+        let world = World::new(&mut model);
+        model.logging = false;
+        let node = Node {
+            lazy: LazyMmu::new(model.clone()),
+            reference: model,
+            current: 0,
+            saved: TaskLazy::NEW,
+            outstanding: [Vec::new(), Vec::new()],
+        };
+        (world, node)
+    }
+}
+
+/// Check every program of length 1..=`max_len` over [`ALPHABET`] whose first call is in
+/// `first` (a part of the alphabet, to split the work), on a batch of `E` entries and `R`
 /// requests.
 pub fn check_all<const E: usize, const R: usize>(
     max_len: usize,
     first: &[Sym],
 ) -> Result<Stats, Failure> {
-    let mut model = Model::new();
-    let world = World::new(&mut model);
-    model.logging = false;
-    let root = Node::<E, R> {
-        lazy: LazyMmu::new(model.clone()),
-        reference: model,
-        outstanding: Vec::new(),
-    };
+    check_all_over::<E, R>(&ALPHABET, max_len, first)
+}
+
+/// [`check_all`] over any alphabet, e.g. [`TASK_ALPHABET`].
+pub fn check_all_over<const E: usize, const R: usize>(
+    alphabet: &'static [Sym],
+    max_len: usize,
+    first: &[Sym],
+) -> Result<Stats, Failure> {
+    let (world, root) = Node::<E, R>::root();
     let mut stats = Stats::default();
     let mut search = Search {
         world,
+        alphabet,
         program: Vec::with_capacity(max_len),
         seen: BTreeMap::new(),
     };
@@ -240,14 +289,7 @@ pub fn check_all<const E: usize, const R: usize>(
 /// Check one program (of any length) on a batch of `E` entries and `R` requests, with the same
 /// rules as [`check_all`]; for random long programs.
 pub fn check_program<const E: usize, const R: usize>(program: &[Sym]) -> Result<Stats, Failure> {
-    let mut model = Model::new();
-    let world = World::new(&mut model);
-    model.logging = false;
-    let mut node = Node::<E, R> {
-        lazy: LazyMmu::new(model.clone()),
-        reference: model,
-        outstanding: Vec::new(),
-    };
+    let (world, mut node) = Node::<E, R>::root();
     let mut stats = Stats::default();
     for (i, &sym) in program.iter().enumerate() {
         step(&world, &mut node, sym, &mut stats).map_err(|message| Failure {
@@ -260,14 +302,14 @@ pub fn check_program<const E: usize, const R: usize>(program: &[Sym]) -> Result<
     Ok(stats)
 }
 
-/// Programs of length 1..=n over the alphabet.
-fn programs_up_to(n: usize) -> u64 {
-    let a = ALPHABET.len() as u64;
-    (1..=n as u32).map(|k| a.pow(k)).sum()
+/// Programs of length 1..=n over an alphabet of `a` calls.
+fn programs_up_to(a: usize, n: usize) -> u64 {
+    (1..=n as u32).map(|k| (a as u64).pow(k)).sum()
 }
 
 struct Search {
     world: World,
+    alphabet: &'static [Sym],
     program: Vec<Sym>,
     /// Settled states explored, with the calls that were left to go.
     seen: BTreeMap<Vec<u64>, usize>,
@@ -295,19 +337,19 @@ impl Search {
             Ok(_) if rest == 0 => Ok(()),
             // Every extension equals the program without this call.
             Ok(Step::NoOp) => {
-                stats.programs += programs_up_to(rest);
+                stats.programs += programs_up_to(self.alphabet.len(), rest);
                 Ok(())
             }
             Ok(Step::Changed) => match self.settled_key(&node) {
                 Some(key) if self.seen.get(&key).is_some_and(|&b| b >= rest) => {
-                    stats.programs += programs_up_to(rest);
+                    stats.programs += programs_up_to(self.alphabet.len(), rest);
                     Ok(())
                 }
                 key => {
                     if let Some(key) = key {
                         self.seen.insert(key, rest);
                     }
-                    ALPHABET
+                    self.alphabet
                         .iter()
                         .try_for_each(|&next| self.explore(&node, next, rest, stats))
                 }
@@ -320,14 +362,23 @@ impl Search {
     /// The state of a settled node (nothing queued or waiting to be reported), `None` otherwise.
     fn settled_key<const E: usize, const R: usize>(&self, node: &Node<E, R>) -> Option<Vec<u64>> {
         let lazy = &node.lazy;
-        if lazy.queued_entries() > 0 || lazy.pending_refusals() > 0 || !node.outstanding.is_empty()
+        let waiting = lazy.pending_refusals() + node.saved.pending_refusals();
+        if lazy.queued_entries() > 0
+            || waiting > 0
+            || node.outstanding.iter().any(|o| !o.is_empty())
         {
             return None;
         }
-        let state = lazy.state();
+        let (state, other) = (lazy.state(), node.saved.state());
         let model = lazy.hypervisor();
         let mut key = Vec::with_capacity(40);
-        key.push(u64::from(state.enable) << 8 | u64::from(state.pause));
+        key.push(
+            (node.current as u64) << 32
+                | u64::from(other.enable) << 24
+                | u64::from(other.pause) << 16
+                | u64::from(state.enable) << 8
+                | u64::from(state.pause),
+        );
         for ptr in [
             self.world.slot(0).0,
             self.world.slot(1).0,
@@ -406,6 +457,18 @@ fn step<const E: usize, const R: usize>(
             }
             (Ok(()), None)
         }
+        Sym::Switch => {
+            let out = lazy.switch_out().map_err(|e| format!("switch out: {e}"))?;
+            lazy.switch_in(node.saved)
+                .map_err(|e| format!("switch in: {e}"))?;
+            node.saved = out;
+            node.current ^= 1;
+            (Ok(()), None)
+        }
+        Sym::Irq => {
+            interrupt(world, lazy, &mut node.reference)?;
+            (Ok(()), None)
+        }
         Sym::SetPtes2 => {
             let (ptr, va) = world.slot(0);
             let first = world.spare_writable();
@@ -428,8 +491,9 @@ fn step<const E: usize, const R: usize>(
     // Where the reference's refusals go: to this call if nothing batched them, else to the
     // call that ends the batching.
     let batched = active && !requests.is_empty();
+    let outstanding = &mut node.outstanding[node.current];
     if batched {
-        node.outstanding.extend(refused.iter().copied());
+        outstanding.extend(refused.iter().copied());
     }
     match report {
         None => {
@@ -443,7 +507,7 @@ fn step<const E: usize, const R: usize>(
             }
         }
         Some(_) => {
-            let mut expected = core::mem::take(&mut node.outstanding);
+            let mut expected = core::mem::take(outstanding);
             if !batched {
                 expected.extend(refused.iter().copied());
             }
@@ -458,8 +522,8 @@ fn step<const E: usize, const R: usize>(
     let after = lazy.counters();
     let delta = after.since(&counters);
     stats.replays += delta.replays;
-    if active && lazy.is_active() && delta.hypercalls > 0 && delta.flushes.iter().sum::<u64>() == 0
-    {
+    let in_section = active && lazy.is_active() && sym != Sym::Irq;
+    if in_section && delta.hypercalls > 0 && delta.flushes.iter().sum::<u64>() == 0 {
         return Err(format!(
             "{} hypercall(s) inside a lazy section without a flush",
             delta.hypercalls
@@ -472,10 +536,69 @@ fn step<const E: usize, const R: usize>(
     }
     let unchanged = delta.hypercalls == 0
         && requests.is_empty()
+        && sym != Sym::Switch
         && lazy.state() == before
         && (lazy.queued_entries(), lazy.queued_requests()) == queued
         && lazy.pending_refusals() == pending;
     Ok(if unchanged { Step::NoOp } else { Step::Changed })
+}
+
+/// An interrupt: the handler maps its own slot 2, reads slot 0, tries the section calls, and
+/// clears slot 2. Its writes go out at once; it leaves the interrupted state as it found it.
+fn interrupt<const E: usize, const R: usize>(
+    world: &World,
+    lazy: &mut LazyMmu<Model, E, R>,
+    reference: &mut Model,
+) -> Result<(), String> {
+    let before = lazy.state();
+    let queued = lazy.queued_requests();
+    let (ptr, va) = world.slot(2);
+    let (slot0, _) = world.slot(0);
+    let mapped = world.data(3);
+    lazy.irq_enter();
+    for val in [mapped, Pte::NONE] {
+        lazy.set_pte(ptr, val, va)
+            .map_err(|e| format!("handler write: {e}"))?;
+        issue(reference, Request::SetPte { ptr, val, va })
+            .map_err(|e| format!("reference handler write: {e}"))?;
+        let live = lazy
+            .hypervisor()
+            .read_pte(ptr)
+            .map_err(|e| format!("{e:?}"))?;
+        if live != val {
+            return Err(format!(
+                "the handler's write of {val} is not live at once ({live})"
+            ));
+        }
+        if val == mapped {
+            let found = lazy
+                .read_pte(slot0)
+                .map_err(|e| format!("handler read: {e}"))?;
+            let expected = reference.read_pte(slot0).map_err(|e| format!("{e:?}"))?;
+            if found != expected {
+                return Err(format!(
+                    "handler read {found}, the reference holds {expected}"
+                ));
+            }
+            let calls = [
+                lazy.enter(),
+                lazy.flush(),
+                lazy.pause(),
+                lazy.resume(),
+                lazy.leave(),
+            ];
+            if let Some(Err(e)) = calls.iter().find(|r| r.is_err()) {
+                return Err(format!("section call in a handler: {e}"));
+            }
+        }
+    }
+    lazy.irq_exit().map_err(|e| format!("{e}"))?;
+    if lazy.state() != before || lazy.queued_requests() > queued {
+        return Err(String::from(
+            "the handler changed the interrupted lazy state or queue",
+        ));
+    }
+    Ok(())
 }
 
 /// A reporting call returned exactly `expected`, in order.

@@ -17,6 +17,7 @@
 
 extern crate alloc;
 
+pub mod context;
 pub mod counters;
 pub mod exhaustive;
 pub mod hypervisor;
@@ -29,6 +30,7 @@ pub mod request;
 mod flush;
 mod state;
 
+pub use context::{IrqRule, Rules, SwitchRule, TaskLazy};
 pub use counters::{Counters, FlushReason};
 pub use hypervisor::{Batch, EntryOutcome, Hypervisor, MulticallFailure, ReadError};
 pub use queue::{DEFAULT_ENTRIES, DEFAULT_REQUESTS, LINUX_ENTRIES, LINUX_REQUESTS, Queue};

@@ -207,6 +207,14 @@ pub enum MmuError {
     SetPtes(SetPtesRule),
     /// A page-table entry in a frame that is not this domain's.
     NotOwned { ptr: MachAddr },
+    /// A context switch inside an interrupt handler.
+    SwitchInInterrupt,
+    /// `irq_exit()` without `irq_enter()`.
+    UnbalancedIrqExit,
+    /// [`crate::SwitchRule::WasLazyFlag`]: a task switched out while nested in lazy mode
+    /// leaves the CPU in lazy MMU mode, and the switch's `enter_lazy(XEN_LAZY_CPU)` hits its
+    /// `BUG_ON`.
+    LazyModeAtSwitch { nesting: u32 },
 }
 
 impl fmt::Display for MmuError {
@@ -232,6 +240,14 @@ impl fmt::Display for MmuError {
                 crate::NESTING_LIMIT
             ),
             MmuError::SetPtes(rule) => write!(f, "{rule}"),
+            MmuError::SwitchInInterrupt => {
+                write!(f, "BUG: context switch inside an interrupt handler")
+            }
+            MmuError::UnbalancedIrqExit => write!(f, "BUG: irq_exit() without irq_enter()"),
+            MmuError::LazyModeAtSwitch { nesting } => write!(
+                f,
+                "BUG: enter_lazy(XEN_LAZY_CPU) at a context switch while the CPU is still in lazy MMU mode (nesting {nesting}, lazy=was-lazy-flag)"
+            ),
             MmuError::NotOwned { ptr } => write!(
                 f,
                 "page-table entry at machine address {ptr} is not in a frame of this domain"

@@ -20,6 +20,7 @@ use hypercalls::addr::{ENTRIES_PER_TABLE, ENTRY_SIZE};
 use hypercalls::{MachAddr, PAGE_SIZE, Pte};
 use x86_64::VirtAddr;
 
+use crate::context::{IrqRule, Rules};
 use crate::counters::{Counters, FlushReason};
 use crate::hypervisor::Hypervisor;
 use crate::queue::{DEFAULT_ENTRIES, DEFAULT_REQUESTS, Queue};
@@ -54,13 +55,16 @@ pub struct LazyMmu<
     const R: usize = DEFAULT_REQUESTS,
 > {
     pub(crate) hv: H,
-    state: LazyState,
+    pub(crate) state: LazyState,
     strict: bool,
     pub(crate) queue: Queue<E, R>,
     pub(crate) counters: Counters,
     /// Refusals of flushes that report later (full, read hazard, nested leave, type change).
-    pending: Collected,
+    pub(crate) pending: Collected,
     last: Collected,
+    /// Nesting of interrupt handlers on this vCPU.
+    pub(crate) irq_depth: u8,
+    pub(crate) rules: Rules,
 }
 
 impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
@@ -76,6 +80,8 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
             counters: Counters::ZERO,
             pending: Collected::NONE,
             last: Collected::NONE,
+            irq_depth: 0,
+            rules: Rules::LINUX,
         }
     }
 
@@ -92,9 +98,15 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
         self.state
     }
 
-    /// Batching now? (entered and not paused)
+    /// Batching now? (entered, not paused, and not in an interrupt handler)
     pub fn is_active(&self) -> bool {
-        self.state.is_active()
+        self.state.is_active() && !self.lazy_off_in_irq()
+    }
+
+    /// In an interrupt handler lazy mode is off and the section calls do nothing (Linux:
+    /// `in_interrupt()` in `lazy_mmu_mode_*` and `xen_get_lazy_mode()`).
+    fn lazy_off_in_irq(&self) -> bool {
+        self.irq_depth > 0 && self.rules.irq == IrqRule::Immediate
     }
 
     pub fn depth(&self) -> u32 {
@@ -140,7 +152,7 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
 
     /// Enter lazy mode (Linux: `lazy_mmu_mode_enable`).
     pub fn enter(&mut self) -> Result<(), MmuError> {
-        if self.state.pause > 0 {
+        if self.state.pause > 0 || self.lazy_off_in_irq() {
             return Ok(());
         }
         if self.state.enable > 0 && self.strict {
@@ -159,7 +171,7 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
     /// Leave lazy mode (Linux: `lazy_mmu_mode_disable`): always flushes; only the outermost
     /// leave ends batching and reports the refusals.
     pub fn leave(&mut self) -> Result<(), MmuError> {
-        if self.state.pause > 0 {
+        if self.state.pause > 0 || self.lazy_off_in_irq() {
             return Ok(());
         }
         self.state.enable = self
@@ -179,7 +191,7 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
     /// Leave, keeping any refusals for the next call that reports (for a section dropped on
     /// an error path, which has nobody to report to).
     pub fn leave_deferring(&mut self) -> Result<(), MmuError> {
-        if self.state.pause > 0 {
+        if self.state.pause > 0 || self.lazy_off_in_irq() {
             return Ok(());
         }
         self.state.enable = self
@@ -199,11 +211,18 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
     /// Issue whatever is queued (Linux: `arch_flush_lazy_mmu_mode`); report every refusal
     /// held so far.
     pub fn flush(&mut self) -> Result<(), MmuError> {
+        if self.lazy_off_in_irq() {
+            // Nothing of the handler's is queued; the batch is the interrupted code's.
+            return Ok(());
+        }
         self.flush_reported(FlushReason::Explicit)
     }
 
     /// Suspend batching, flushing first (Linux: `lazy_mmu_mode_pause`).
     pub fn pause(&mut self) -> Result<(), MmuError> {
+        if self.lazy_off_in_irq() {
+            return Ok(());
+        }
         self.state.pause = self
             .state
             .pause
@@ -217,6 +236,9 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
 
     /// Pick batching up again at the depth it had (Linux: `lazy_mmu_mode_resume`).
     pub fn resume(&mut self) -> Result<(), MmuError> {
+        if self.lazy_off_in_irq() {
+            return Ok(());
+        }
         self.state.pause = self
             .state
             .pause
@@ -322,8 +344,8 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
     /// Linux's generic `set_ptes()`: `nr` consecutive leaf entries from `ptep` (mapping `addr`,
     /// `addr + 4096`, ...) get the values `pte_at(0)`, `pte_at(1)`, ..., inside a lazy section
     /// of their own. The contract is checked before anything is queued. While batching is
-    /// paused the writes go out at once, as one `mmu_update` that carries on past refusals, so
-    /// the outcome is the same as batched.
+    /// paused (or in an interrupt handler) the writes go out at once, as one `mmu_update` that
+    /// carries on past refusals, so the outcome is the same as batched.
     pub fn set_ptes(
         &mut self,
         addr: VirtAddr,
@@ -336,7 +358,7 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
         // block: none of the arithmetic below can overflow.
         let va_at = |i: u64| addr + i * PAGE_SIZE;
         let ptr_at = |i: u64| MachAddr::new_truncate(ptep.get() + i * ENTRY_SIZE);
-        if self.is_paused() {
+        if self.is_paused() || self.lazy_off_in_irq() {
             let mut reqs = [MmuUpdate { ptr: 0, val: 0 }; ENTRIES_PER_TABLE as usize];
             for (i, r) in reqs.iter_mut().take(nr as usize).enumerate() {
                 *r = hypercalls::abi::pt_update(ptr_at(i as u64), pte_at(i as u64));

@@ -91,7 +91,7 @@ pub struct RunStats {
     /// their flushes) may cause them.
     pub lazy_hypercalls: u64,
     /// Non-empty flushes during the run, indexed like [`FlushReason::ALL`].
-    pub flushes_by_reason: [u64; 7],
+    pub flushes_by_reason: [u64; crate::counters::N_REASONS],
 }
 
 impl RunStats {
