@@ -229,6 +229,9 @@ impl core::fmt::Display for Failure {
     }
 }
 
+/// Refusals a call must report, in order.
+type Expected = Vec<(Request, XenError)>;
+
 /// Both worlds after a prefix, and the reference's refusals not yet reported, per task.
 #[derive(Clone)]
 struct Node<const E: usize, const R: usize> {
@@ -422,7 +425,7 @@ fn step<const E: usize, const R: usize>(
     // The call under test, and which refusals it must report (`None`: none, not even an
     // empty report; it must succeed).
     let outermost_leave = before.pause == 0 && before.enable == 1;
-    let (result, report): (Result<(), MmuError>, Option<Vec<(Request, XenError)>>) = match sym {
+    let (result, report): (Result<(), MmuError>, Option<Expected>) = match sym {
         Sym::Enter => (lazy.enter(), None),
         Sym::Leave if before.pause == 0 && before.enable == 0 => {
             let r = lazy.leave();
