@@ -118,6 +118,13 @@ def stamp_ok(path, key=""):
     return True
 
 
+def _show(path):
+    try:
+        return str(Path(path).relative_to(CACHE.parent))
+    except ValueError:
+        return str(path)
+
+
 def _damage(path, expected_size=None):
     """Why `path` (which exists) is not what its stamp or apt says."""
     size = path.stat().st_size
@@ -140,7 +147,7 @@ def make_artifact(path, make, what, key=""):
     if stamp_ok(path, key):
         return False
     if path.exists() and _stamp_path(path).exists():
-        log(f"{path.relative_to(CACHE)} is damaged ({_damage(path)}): rebuilding {what}")
+        log(f"{_show(path)} is damaged ({_damage(path)}): rebuilding {what}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
