@@ -6,11 +6,13 @@
 #   @@job <name> <VERDICT> <s>   verdict and seconds from `xl create` to the verdict
 #   @@fatal <message>            dom0 setup failed; nothing more will come
 #   @@done                       all jobs finished; dom0 powers off next
-# /jobs/list lines: <index> <domain name> <quiet timeout in s> <job name>; /jobs/<index>.cfg is
-# the xl config the host wrote.
+# /jobs/list lines: <index> <domain name> <silence limit in s> <time limit in s> <job name>;
+# /jobs/<index>.cfg is the xl config the host wrote; /jobs/env names the verdicts (RESULT_RE,
+# RESULT_PREFIX_LEN, V_CRASH, V_HANG, V_TIMEOUT), written from the harness's Verdict.
 
 export PATH=/bin:/usr/lib/xen-4.17/bin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
+. /jobs/env
 
 fatal() {
     echo "@@fatal $*"
@@ -64,8 +66,8 @@ function out(line) {
     n++
     print n > nf
     close(nf)
-    if (v == "" && match(line, /Test result: (SUCCESS|FAILURE|ERROR|SKIP)/)) {
-        v = substr(line, RSTART + 13, RLENGTH - 13)
+    if (v == "" && match(line, re)) {
+        v = substr(line, RSTART + plen, RLENGTH - plen)
         print v > vf
         close(vf)
     }
@@ -91,7 +93,7 @@ end_reader() {
 }
 
 run_job() {
-    IDX=$1 DOM=$2 TMO=$3 NAME=$4
+    IDX=$1 DOM=$2 TMO=$3 LIMIT=$4 NAME=$5
     log=/var/log/xen/console/guest-$DOM.log
     vf=/tmp/verdict.$IDX
     nf=/tmp/lines.$IDX
@@ -100,7 +102,8 @@ run_job() {
     # console streams without polling, and the reader sees EOF exactly when xenconsoled lets go
     # of the domain (so all its output is printed before the verdict marker).
     mkfifo "$log"
-    awk -v p="[$NAME] " -v vf="$vf" -v nf="$nf" "$PREFIX_AWK" < "$log" &
+    awk -v p="[$NAME] " -v vf="$vf" -v nf="$nf" -v re="$RESULT_RE" -v plen="$RESULT_PREFIX_LEN" \
+        "$PREFIX_AWK" < "$log" &
     reader=$!
 
     echo "@@start $NAME"
@@ -114,7 +117,7 @@ run_job() {
         timeout 30 xl destroy "$DOM" > /dev/null 2>&1 < /dev/null
         end_reader
         secs $((NOW - t0))
-        echo "@@job $NAME CRASH $SECS"
+        echo "@@job $NAME $V_CRASH $SECS"
         return
     fi
 
@@ -137,7 +140,7 @@ run_job() {
             # Stopped without a result line: give the console a moment to drain first.
             if [ $((NOW - ended)) -ge 60 ]; then
                 echo "[$NAME] (domain stopped without a result line; xl state: $STATE)"
-                verdict=CRASH
+                verdict=$V_CRASH
                 NOW=$ended
                 break
             fi
@@ -149,8 +152,13 @@ run_job() {
             esac
         fi
         if [ $((NOW - quiet_since)) -ge $((TMO * 100)) ]; then
-            verdict=TIMEOUT
+            verdict=$V_HANG
             echo "[$NAME] (no console output for $TMO s)"
+            break
+        fi
+        if [ $((NOW - t0)) -ge $((LIMIT * 100)) ]; then
+            verdict=$V_TIMEOUT
+            echo "[$NAME] (no result after $LIMIT s)"
             break
         fi
         sleep 0.1
@@ -158,7 +166,8 @@ run_job() {
     t1=$NOW
 
     case "$verdict" in
-        SUCCESS|FAILURE|ERROR|SKIP)
+        "$V_CRASH"|"$V_HANG"|"$V_TIMEOUT") ;;
+        *)
             # The guest shuts down right after its result line; let it, so that whatever it
             # (or the shim) prints on the way out reaches the log before we destroy it.
             i=0
@@ -178,8 +187,8 @@ run_job() {
 now
 secs $NOW
 echo "@@ready $SECS"
-while read -r idx dom tmo name <&3; do
-    run_job "$idx" "$dom" "$tmo" "$name"
+while read -r idx dom tmo limit name <&3; do
+    run_job "$idx" "$dom" "$tmo" "$limit" "$name"
 done 3< /jobs/list
 echo "@@done"
 poweroff -f

@@ -1,0 +1,239 @@
+"""scripts/test: every check the project has, then the guest booted under real Xen in qemu with
+the verdict each case must reach (including the deliberate crashes)."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import machine, provision
+from .build import TARGET, build_guest
+from .cli import epilog_text, parser
+from .common import CACHE, ROOT, Verdict
+from .harness import run_qemu
+
+V = Verdict
+
+
+@dataclass
+class Case:
+    name: str
+    cmdline: str
+    want: Verdict
+    pattern: str            # regex that must appear in the guest's console
+    memory: int = None      # dom0: machine memory with no dom0_mem limit; domU: the guest's
+    smp: int = 1
+    fake: str = ""          # boot a tiny misbehaving kernel (lib/toolstack/fake_guests.py) instead
+    silence: float = 20.0
+
+
+DOM0_CASES = [
+    Case("all tests", "", V.SUCCESS, r"\[       OK \] move_ptes"),
+    Case("unknown test is an error", "tests=nosuch", V.ERROR, r"unknown test 'nosuch'"),
+    Case("unknown option is an error", "frobnicate", V.ERROR, r"unknown option 'frobnicate'"),
+    Case("quotes and backslashes reach the guest unchanged", "tests=a\\b\"c'd", V.ERROR,
+         re.escape("unknown test 'a\\b\"c'd'")),
+    Case("list", "list", V.SUCCESS, r"move_ptes"),
+    Case("strict lazy mode: nested enter is a BUG", "tests=move_ptes lazy=strict", V.CRASH,
+         r"BUG: nested lazy MMU enter"),
+    Case("unbalanced leave is a BUG", "tests=bug_unbalanced_leave", V.CRASH,
+         r"BUG: unbalanced lazy MMU leave"),
+    Case("stress seed 7, depth 8", "stress seed=7 ops=4000 depth=8", V.SUCCESS,
+         r"\[       OK \] stress"),
+    Case("stress seed 1234, depth 3", "stress seed=1234 ops=4000 depth=3", V.SUCCESS,
+         r"\[       OK \] stress"),
+    Case("stress seed 99, depth 16", "stress seed=99 ops=6000 depth=16", V.SUCCESS,
+         r"\[       OK \] stress"),
+    Case("privileged instruction is reported", "tests=bug_privileged_instruction", V.CRASH,
+         r"EXCEPTION 13 \(#GP general protection\) error code 0x0 at rip"),
+    Case("a silent kernel is a HANG after --silence", "", V.HANG, r"no console output for 3 s",
+         fake="hang", silence=3),
+]
+
+# Toolstack modes, all in one dom0 boot: (job name, kind, case).
+TOOLSTACK_CASES = [
+    ("domu", "pv", Case("", "", V.SUCCESS, r"role domU, .*console PV console ring")),
+    ("shim", "shim", Case("", "", V.SUCCESS, r"\(XEN\) Command line: pv-shim")),
+    ("domu-nosuch", "pv", Case("", "tests=nosuch", V.ERROR, r"unknown test 'nosuch'")),
+    ("shim-nosuch", "shim", Case("", "tests=nosuch", V.ERROR, r"unknown test 'nosuch'")),
+    ("domu-quotes", "pv", Case("", "tests=a\\b\"c'd", V.ERROR,
+                               re.escape("unknown test 'a\\b\"c'd'"))),
+    ("shim-quotes", "shim", Case("", "tests=a\\b\"c'd", V.ERROR,
+                                 re.escape("unknown test 'a\\b\"c'd'"))),
+    ("domu-strict", "pv", Case("", "tests=move_ptes lazy=strict", V.CRASH,
+                               r"BUG: nested lazy MMU enter")),
+    ("shim-strict", "shim", Case("", "tests=move_ptes lazy=strict", V.CRASH,
+                                 r"BUG: nested lazy MMU enter")),
+    ("domu-stress", "pv", Case("", "stress seed=31 ops=4000 depth=8", V.SUCCESS,
+                               r"\[       OK \] stress")),
+    ("shim-stress", "shim", Case("", "stress seed=32 ops=4000 depth=8", V.SUCCESS,
+                                 r"\[       OK \] stress")),
+    ("domu-hang", "pv", Case("", "", V.HANG, r"no console output for 3 s", fake="hang",
+                             silence=3)),
+]
+
+# ------------------------------------------------------------------------------------------------
+# KERNEL MEMORY CASES (issue 9): the guest must boot with whatever memory Xen gives it. Off by
+# default while the kernel still refuses more than 2 GiB; switch on with --memory-cases or
+# XENPV_TEST_MEMORY=1 (or move them into the lists above once the kernel handles them).
+MEMORY_DOM0_CASES = [
+    Case("dom0 with 1 GiB, no dom0_mem limit", "", V.SUCCESS, r"\[       OK \] move_ptes",
+         memory=1024),
+    Case("dom0 with 4 GiB, no dom0_mem limit", "", V.SUCCESS, r"\[       OK \] move_ptes",
+         memory=4096),
+    Case("dom0 with 2 vCPUs (-smp 2, dom0_max_vcpus=2)", "", V.SUCCESS,
+         r"\[       OK \] move_ptes", smp=2),
+]
+MEMORY_TOOLSTACK_CASES = [
+    ("domu-1g", "pv", Case("", "", V.SUCCESS, r"\[       OK \] move_ptes", memory=1024)),
+]
+# ------------------------------------------------------------------------------------------------
+
+# A crash must be reported this soon after the guest starts (it crashes within a second).
+CRASH_REPORT_LIMIT_S = 10.0
+UNIT_TESTS = ROOT / "scripts" / "lib" / "tests"
+
+
+def step(title, cmd, cwd=ROOT):
+    print(f"\n=== {title}: {' '.join(map(str, cmd))}", flush=True)
+    t = time.monotonic()
+    r = subprocess.run(cmd, cwd=cwd)
+    print(f"=== {title}: {'ok' if r.returncode == 0 else 'FAILED'} ({time.monotonic() - t:.1f} s)",
+          flush=True)
+    return r.returncode == 0
+
+
+def unit_tests():
+    return step("harness unit tests", [sys.executable, "-m", "unittest", "discover", "-q",
+                                       "-s", str(UNIT_TESTS), "-t", str(ROOT / "scripts")],
+                cwd=ROOT / "scripts")
+
+
+def _fake(kind):
+    from .toolstack import fake_guests
+    d = CACHE / "fake-guests"
+    d.mkdir(parents=True, exist_ok=True)
+    return fake_guests.write(kind, d / kind)
+
+
+def _verdict_line(ok, got, want, seen, pattern):
+    return (f"{got}, expected {want}; '{pattern}' {'seen' if seen else 'NOT seen'} -> "
+            f"{'ok' if ok else 'FAILED'}")
+
+
+def boot_cases(xen, guest, cases):
+    failures = []
+    for c in cases:
+        kernel = _fake(c.fake) if c.fake else guest
+        extra = "".join([f", {c.memory} MiB" if c.memory else "",
+                         f", {c.smp} vCPUs" if c.smp > 1 else ""])
+        print(f"\n=== boot (dom0{extra}): {c.name}: guest options \"{c.cmdline}\"", flush=True)
+        out = run_qemu(machine.dom0_guest(xen, kernel, c.cmdline, c.memory, c.smp), timeout=60,
+                       silence=c.silence, expect=[c.pattern], echo=False)
+        seen = any(re.search(c.pattern, line) for line in out.lines)
+        ok = out.verdict == c.want and seen
+        print(f"=== boot (dom0): {c.name}: in {out.seconds:.1f} s: "
+              f"{_verdict_line(ok, out.verdict, c.want, seen, c.pattern)}", flush=True)
+        if not ok:
+            print(out.tail(40))
+            failures.append(c.name)
+    return failures
+
+
+def toolstack_cases(guest, cases):
+    from . import toolstack
+    jobs = [toolstack.Job(name, kind, _fake(c.fake) if c.fake else guest, c.cmdline,
+                          memory_mb=c.memory or 0, vcpus=c.smp, silence=c.silence)
+            for name, kind, c in cases]
+    print(f"\n=== boot (toolstack): {len(jobs)} guests as PV domU / under the PV shim, one dom0 boot",
+          flush=True)
+    results = toolstack.run_jobs(jobs, timeout=60, echo=False)
+    failures = []
+    for name, kind, c in cases:
+        r = results[name]
+        seen = any(re.search(c.pattern, line) for line in r.lines)
+        ok = r.verdict == c.want and seen
+        if c.want == V.CRASH and r.seconds > CRASH_REPORT_LIMIT_S:
+            ok = False
+        print(f"=== boot ({kind}): {name}: guest options \"{c.cmdline}\": after {r.seconds:.1f} s "
+              f"({r.since_qemu_start:.1f} s from qemu start): "
+              f"{_verdict_line(ok, r.verdict, c.want, seen, c.pattern)}", flush=True)
+        if not ok:
+            print(r.tail())
+            failures.append(f"{kind}: {name}")
+    return failures
+
+
+def interrupt_case():
+    """Ctrl-C during a boot: exit 130, no traceback, no qemu left behind."""
+    tag = f"seed={os.getpid()}"
+    print("\n=== interrupt: Ctrl-C during scripts/run (exit 130, no traceback, qemu ended)",
+          flush=True)
+    p = subprocess.Popen([str(ROOT / "scripts" / "run"), "--quiet", "--", "stress", tag,
+                          "ops=50000", "depth=8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True, cwd=ROOT)
+    time.sleep(3.0)
+    os.killpg(p.pid, signal.SIGINT)
+    try:
+        _, err = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        _, err = p.communicate()
+    time.sleep(0.2)
+    left = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and tag.encode() in (proc / "cmdline").read_bytes():
+                left.append(proc.name)
+        except OSError:
+            pass
+    ok = p.returncode == 130 and "Traceback" not in err and not left
+    print(f"=== interrupt: exit {p.returncode}, {'a' if 'Traceback' in err else 'no'} traceback, "
+          f"{'qemu still running: ' + ' '.join(left) if left else 'no qemu left'} -> "
+          f"{'ok' if ok else 'FAILED'}", flush=True)
+    if not ok:
+        print(err[-3000:])
+    return [] if ok else ["interrupt"]
+
+
+def main(argv=None):
+    ap = parser("scripts/test", """\
+Every check the project has: the harness's unit tests, cargo fmt and clippy, the host tests, then
+the guest booted under real Xen in qemu as dom0, PV domU and under the PV shim, each case with the
+verdict it must reach (including the deliberate crashes).""", epilog_text())
+    ap.add_argument("--quick", action="store_true", help="skip the qemu boots")
+    ap.add_argument("--unit", action="store_true",
+                    help="only the harness's unit tests (a few seconds, no qemu, no cargo)")
+    ap.add_argument("--memory-cases", action="store_true",
+                    default=os.environ.get("XENPV_TEST_MEMORY") == "1",
+                    help="also boot dom0 with 1 and 4 GiB and no dom0_mem limit, dom0 with 2 "
+                         "vCPUs and a 1 GiB domU (also: XENPV_TEST_MEMORY=1)")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    failed = [] if unit_tests() else ["harness unit tests"]
+    if args.unit:
+        print("\n=== summary:", "all passed" if not failed else "FAILED: " + "; ".join(failed))
+        return 1 if failed else 0
+    provision.ensure_rust_target()
+    checks = [
+        ("format", ["cargo", "fmt", "--all", "--", "--check"]),
+        ("clippy (host)", ["cargo", "clippy", "--workspace", "--all-targets", "-q", "--", "-D",
+                           "warnings"]),
+        ("clippy (guest target)", ["cargo", "clippy", "-p", "guest", "-p", "hypercalls",
+                                   "--target", TARGET, "-q", "--", "-D", "warnings"]),
+        ("host tests", ["cargo", "test", "--workspace", "-q"]),
+    ]
+    failed += [title for title, cmd in checks if not step(title, cmd)]
+    if not args.quick:
+        paths = provision.ensure_base()
+        guest = build_guest()
+        dom0 = DOM0_CASES + (MEMORY_DOM0_CASES if args.memory_cases else [])
+        failed += boot_cases(paths["xen"], guest, dom0)
+        ts = TOOLSTACK_CASES + (MEMORY_TOOLSTACK_CASES if args.memory_cases else [])
+        failed += toolstack_cases(guest, ts)
+        failed += interrupt_case()
+    print("\n=== summary:", "all passed" if not failed else "FAILED: " + "; ".join(failed))
+    return 1 if failed else 0
