@@ -735,3 +735,24 @@ fn a_failure_after_every_request_was_done_blames_no_request() {
         );
     }
 }
+
+/// `Counters::rejected` counts every request Xen refused, as the old core's did: those of
+/// flushes and those issued at once (outside lazy mode, paused, a paused `set_ptes`).
+#[test]
+fn the_rejected_counter_counts_refusals_issued_at_once() {
+    let (mut l, s) = std_setup();
+    let table = pinned_l1(&mut l);
+    let bad = writable(table);
+    l.enter().unwrap();
+    put(&mut l, &s, 0, bad).unwrap();
+    refused(l.leave());
+    assert_eq!(l.counters().rejected, 1, "in a flush");
+    refused(put(&mut l, &s, 1, bad));
+    assert_eq!(l.counters().rejected, 2, "at once");
+    refused(l.table_op(TableOp::Unpin(mfn(s.data[0]))));
+    refused(l.update_va_mapping(s.va(2), bad, 0));
+    l.enter().unwrap();
+    l.pause().unwrap();
+    refused(l.set_ptes(s.va(3), s.pte_ptr(3), 2, |_| bad));
+    assert_eq!(l.counters().rejected, 6, "every refusal");
+}
