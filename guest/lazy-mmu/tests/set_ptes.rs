@@ -83,7 +83,7 @@ fn set_ptes_contract_violations_queue_nothing_and_keep_the_queue() {
 fn a_huge_count_crosses_the_table_instead_of_overflowing() {
     let mfn = 0x1234u64;
     let addr = VirtAddr::new(200 * 4096);
-    let ptep = MachAddr::new(mfn << 12 | 200 * 8).unwrap();
+    let ptep = MachAddr::new((mfn << 12) | (200 * 8)).unwrap();
     let nr = u64::MAX - 100;
     assert_eq!(
         check_set_ptes(addr, ptep, nr),

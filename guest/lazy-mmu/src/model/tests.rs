@@ -370,3 +370,40 @@ fn the_root_holds_a_reference() {
     );
     m.check_refcounts();
 }
+
+#[test]
+fn a_multicall_stopped_part_way_runs_only_the_first_entries() {
+    let mut m = Model::new();
+    let s = m.build_space(1, 2);
+    let reqs = [
+        pt_update(at(s.l1s[0], 0), Pte::from_raw(kernel_rw(s.data[0]))),
+        pt_update(at(s.l1s[0], 1), Pte::from_raw(kernel_rw(s.data[1]))),
+    ];
+    let ops = [mmuext_plain(MMUEXT_TLB_FLUSH_LOCAL)];
+    let entries = [
+        Entry::Updates { first: 0, count: 1 },
+        Entry::TableOps { first: 0, count: 1 },
+        Entry::Updates { first: 1, count: 1 },
+    ];
+    let batch = Batch {
+        entries: &entries,
+        reqs: &reqs,
+        ops: &ops,
+    };
+    m.multicall_fault_after = Some(2);
+    let mut out = [EntryOutcome::default(); 3];
+    assert_eq!(
+        m.multicall(batch, &mut out),
+        Err(MulticallFailure {
+            ran: 2,
+            error: XenError::Fault
+        })
+    );
+    assert_eq!(out.map(|o| (o.result, o.done)), [(0, 1), (0, 1), (0, 0)]);
+    assert_eq!(m.entry(s.l1s[0], 0), kernel_rw(s.data[0]));
+    assert_eq!(m.entry(s.l1s[0], 1), 0, "the third entry did not run");
+    assert_eq!(m.tlb_flushes, 1);
+    assert_eq!(m.counts.multicall_entries, 2);
+    assert!(matches!(&m.log[0], Call::Multicall { calls, result: -14 } if calls.len() == 2));
+    m.check_refcounts();
+}
