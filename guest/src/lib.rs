@@ -1,32 +1,35 @@
 //! A 64-bit Xen PV guest kernel whose page-table updates batch into `mmu_update` multicalls in
-//! lazy MMU mode, with `set_ptes()` correct under nested lazy sections.
+//! lazy MMU mode (the `lazy_mmu` crate), with `set_ptes()` correct under nested lazy sections.
 //!
-//! Hardware-independent logic (command line, the lazy-MMU state machine and batch queue, the
-//! stress program generator, a host model of Xen) builds on the host and is tested there; the
-//! kernel proper (`boot`, `console`, `traps`, page tables, in-guest tests) builds only for
-//! `x86_64-unknown-none`.
+//! Layers, lowest first; each uses only those below it:
+//! * [`arch`]: entry stack, trap table and stubs, fault probes, backtrace;
+//! * [`xen`]: start_info, shared pages, P2M/M2P, console, shutdown;
+//! * [`mm`]: frames, page tables, the page-table write path, [`mm::region::Region`] (the safe
+//!   API), heap;
+//! * [`framework`]: command line, test runner, panic and fatal-trap reports;
+//! * [`tests`] and [`bench`]: no `unsafe` at all;
+//! * `boot`: brings the layers up and runs what the command line asks for.
+//!
+//! Only the command-line parser is hardware independent (tested on the host); everything else
+//! builds for `x86_64-unknown-none` only.
 #![cfg_attr(not(test), no_std)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 extern crate alloc;
 
-pub mod cmdline;
-pub mod mm;
-pub mod stress;
-
 #[cfg(target_os = "none")]
 #[macro_use]
-pub mod console;
+pub mod xen;
+#[macro_use]
+pub mod framework;
+#[cfg(target_os = "none")]
+pub mod arch;
 #[cfg(target_os = "none")]
 pub mod bench;
 #[cfg(target_os = "none")]
 pub mod boot;
 #[cfg(target_os = "none")]
-pub mod heap;
-#[cfg(target_os = "none")]
-pub mod testing;
+pub mod mm;
 #[cfg(target_os = "none")]
 pub mod tests;
-#[cfg(target_os = "none")]
-pub mod traps;
-#[cfg(target_os = "none")]
-pub mod xen;

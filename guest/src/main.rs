@@ -52,8 +52,8 @@ mod image {
         "2:  ud2",
         "    jmp 2b",
         ".popsection",
-        stack = sym guest::boot::BOOT_STACK,
-        stack_size = const guest::boot::BOOT_STACK_SIZE,
+        stack = sym guest::arch::entry::BOOT_STACK,
+        stack_size = const guest::arch::entry::BOOT_STACK_SIZE,
         start = sym guest::boot::kernel_start,
     );
 }

@@ -1,10 +1,11 @@
 //! The in-guest test runner. Output follows XTF: a line per test, then `Test result: …`, which
-//! the harness (and Xen's own tooling) reads.
+//! the harness (and Xen's own tooling) reads. The tests and the benchmark are handed in by the
+//! caller; the runner knows neither.
 
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::cmdline::{self, Options};
+use super::cmdline::{self, Options};
 
 /// The outcome of the whole run, as XTF names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,7 +13,6 @@ pub enum Verdict {
     Success,
     Failure,
     Error,
-    Skip,
 }
 
 impl Verdict {
@@ -21,7 +21,6 @@ impl Verdict {
             Verdict::Success => "SUCCESS",
             Verdict::Failure => "FAILURE",
             Verdict::Error => "ERROR",
-            Verdict::Skip => "SKIP",
         }
     }
 }
@@ -29,8 +28,11 @@ impl Verdict {
 /// Why a test did not pass.
 #[derive(Debug)]
 pub enum TestFail {
+    /// The kernel did something wrong.
     Failed(String),
-    Skipped(String),
+    /// The test could not be run as asked (e.g. options it cannot honour): not the kernel's
+    /// fault, but not a pass either.
+    Error(String),
 }
 
 pub type TestOutcome = Result<(), TestFail>;
@@ -54,7 +56,7 @@ pub struct TestCase {
 macro_rules! ensure {
     ($cond:expr, $($msg:tt)+) => {
         if !$cond {
-            return Err($crate::testing::TestFail::Failed(alloc::format!($($msg)+)));
+            return Err($crate::framework::runner::TestFail::Failed(alloc::format!($($msg)+)));
         }
     };
 }
@@ -65,7 +67,7 @@ macro_rules! ensure_eq {
     ($left:expr, $right:expr, $($msg:tt)+) => {{
         let (l, r) = (&$left, &$right);
         if l != r {
-            return Err($crate::testing::TestFail::Failed(alloc::format!(
+            return Err($crate::framework::runner::TestFail::Failed(alloc::format!(
                 "{}: {:?} != {:?}", alloc::format!($($msg)+), l, r
             )));
         }
@@ -77,9 +79,13 @@ pub fn failed(msg: impl core::fmt::Display) -> TestFail {
     TestFail::Failed(alloc::format!("{msg}"))
 }
 
-/// Parse the command line (its bytes as Xen passed them), run what it selects, and return the
-/// overall verdict.
-pub fn run_from_cmdline(line: &[u8]) -> Verdict {
+/// Parse the command line (its bytes as Xen passed them), run what it selects from `registry`
+/// (or `bench`), and return the overall verdict.
+pub fn run_from_cmdline(
+    line: &[u8],
+    registry: &[TestCase],
+    bench: fn(&Options) -> Verdict,
+) -> Verdict {
     let options = match cmdline::parse_bytes(line) {
         Ok(o) => o,
         Err(e) => {
@@ -88,7 +94,6 @@ pub fn run_from_cmdline(line: &[u8]) -> Verdict {
         }
     };
     crate::mm::pte::set_strict(options.strict_lazy);
-    let registry = crate::tests::TESTS;
     if options.list {
         println!("{} tests:", registry.len());
         for t in registry {
@@ -102,7 +107,7 @@ pub fn run_from_cmdline(line: &[u8]) -> Verdict {
         return Verdict::Success;
     }
     if options.bench {
-        return crate::bench::run(&options);
+        return bench(&options);
     }
     let selected: Vec<&TestCase> = match &options.tests {
         None => registry.iter().filter(|t| !t.crashes).collect(),
@@ -125,7 +130,7 @@ pub fn run_from_cmdline(line: &[u8]) -> Verdict {
         }
     };
     let ctx = Context { options: &options };
-    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    let (mut passed, mut failed, mut errors) = (0, 0, 0);
     for t in &selected {
         println!("[ RUN      ] {}", t.name);
         let outcome = (t.run)(&ctx);
@@ -146,17 +151,17 @@ pub fn run_from_cmdline(line: &[u8]) -> Verdict {
                 failed += 1;
                 println!("[  FAILED  ] {}: {}", t.name, why);
             }
-            Err(TestFail::Skipped(why)) => {
-                skipped += 1;
-                println!("[  SKIPPED ] {}: {}", t.name, why);
+            Err(TestFail::Error(why)) => {
+                errors += 1;
+                println!("[  ERROR   ] {}: {}", t.name, why);
             }
         }
     }
-    println!("{passed} passed, {failed} failed, {skipped} skipped");
+    println!("{passed} passed, {failed} failed, {errors} errors");
     if failed > 0 {
         Verdict::Failure
-    } else if passed == 0 && skipped > 0 {
-        Verdict::Skip
+    } else if errors > 0 {
+        Verdict::Error
     } else {
         Verdict::Success
     }

@@ -1,16 +1,17 @@
 //! Free pseudo-physical frames: the domain's memory after everything Xen put in the boot
-//! mapping. Frames are handed out mapped read-write: the rest of Xen's boot mapping first
-//! (`VIRT_BASE + pfn * 4096`), then the direct map (`DIRECT_MAP_BASE + pfn * 4096`), which
-//! grows one L1 table (2 MiB) at a time, with the lazy-MMU API, before the mapped frames run out.
-//! Nothing beyond what the allocator has reached is mapped, so any amount of memory Xen gives
-//! the domain costs only its P2M.
+//! mapping. A frame is handed out mapped read-write: in the rest of Xen's boot mapping
+//! (`VIRT_BASE + pfn * 4096`), then in the direct map (`DIRECT_MAP_BASE + pfn * 4096`), which
+//! [`super::memory`] grows one L1 table at a time before the mapped frames run out. This module
+//! only keeps the books; it knows nothing of page tables.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use hypercalls::{Mfn, PAGE_SIZE, Pfn};
+use x86_64::VirtAddr;
+
 use super::MmError;
-use super::pagetable;
-use super::pte::{self, KERNEL_RW, Pte};
-use crate::xen::{self, DIRECT_MAP_BASE, PAGE_SIZE, VIRT_BASE};
+use crate::xen::p2m;
+use crate::xen::start_info::{DIRECT_MAP_BASE, VIRT_BASE, boot_info};
 
 /// Frames below this are mapped by Xen's boot mapping at `VIRT_BASE` (set by [`init`]).
 static BOOT_MAP_END_PFN: AtomicU64 = AtomicU64::new(0);
@@ -22,12 +23,13 @@ static MAPPED_END_PFN: AtomicU64 = AtomicU64::new(0);
 fn boot_map_end() -> u64 {
     BOOT_MAP_END_PFN
         .load(Ordering::Relaxed)
-        .max(xen::boot_info().first_free_pfn)
+        .max(boot_info().first_free_pfn)
 }
 
 /// Kernel virtual address of pseudo-physical frame `pfn` (`pfn < nr_pages`): in the boot
 /// mapping or in the direct map, whether or not that part is mapped yet.
-pub fn va_of(pfn: u64) -> u64 {
+pub fn va_of(pfn: Pfn) -> u64 {
+    let pfn = pfn.get();
     if pfn < boot_map_end() {
         VIRT_BASE + pfn * PAGE_SIZE
     } else {
@@ -37,32 +39,42 @@ pub fn va_of(pfn: u64) -> u64 {
 
 /// Where frame `pfn` can be read now: `Some` only if the boot mapping or the direct map maps
 /// it (read-write for the allocator's frames, read-only for page tables).
-pub fn mapped_va(pfn: u64) -> Option<u64> {
-    let mapped = pfn < boot_map_end() || pfn < MAPPED_END_PFN.load(Ordering::Acquire);
+pub fn mapped_va(pfn: Pfn) -> Option<u64> {
+    let mapped = pfn.get() < boot_map_end() || pfn.get() < MAPPED_END_PFN.load(Ordering::Acquire);
     mapped.then(|| va_of(pfn))
 }
 
-/// A frame we own, mapped read-write at [`Frame::va`] (boot mapping or direct map).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A frame the allocator handed out: owned by whoever holds this (not `Clone`), mapped
+/// read-write at [`Frame::va`] unless its owner made it a page table.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Frame {
-    pub pfn: u64,
-    pub mfn: u64,
+    pfn: Pfn,
+    mfn: Mfn,
 }
 
 impl Frame {
     /// The frame `pfn` of the allocator's range (below `nr_pages`).
-    fn from_pfn(pfn: u64) -> Frame {
-        let mfn = xen::pfn_to_mfn(pfn).expect("the allocator hands out frames below nr_pages");
+    fn from_pfn(pfn: Pfn) -> Frame {
+        let mfn = p2m::pfn_to_mfn(pfn).expect("the allocator hands out frames below nr_pages");
         Frame { pfn, mfn }
     }
 
-    pub fn va(&self) -> u64 {
-        va_of(self.pfn)
+    pub fn pfn(&self) -> Pfn {
+        self.pfn
+    }
+
+    pub fn mfn(&self) -> Mfn {
+        self.mfn
+    }
+
+    /// Where the kernel maps it (boot mapping or direct map).
+    pub fn va(&self) -> VirtAddr {
+        VirtAddr::new(va_of(self.pfn))
     }
 }
 
 /// Mapped frames kept back so that growing the direct map can take its page tables from them.
-const RESERVE: u64 = 4;
+pub const RESERVE: u64 = 4;
 
 struct FrameAllocator {
     /// Next never-used frame.
@@ -72,8 +84,6 @@ struct FrameAllocator {
     nr_pages: u64,
     /// Returned frames, linked through their first word (pfn + 1; 0 ends the list).
     free_head: u64,
-    /// A growth is under way: its own allocations come from the reserve.
-    growing: bool,
     allocated: u64,
 }
 
@@ -82,7 +92,6 @@ static FRAMES: spin::Mutex<FrameAllocator> = spin::Mutex::new(FrameAllocator {
     mapped_end_pfn: 0,
     nr_pages: 0,
     free_head: 0,
-    growing: false,
     allocated: 0,
 });
 
@@ -91,32 +100,18 @@ static FRAMES: spin::Mutex<FrameAllocator> = spin::Mutex::new(FrameAllocator {
 pub struct FrameStats {
     pub mapped_end_pfn: u64,
     pub allocated: u64,
+    pub nr_pages: u64,
 }
 
-/// Find where the boot mapping ends and start handing out frames after Xen's boot structures.
-pub fn init(info: &xen::BootInfo) -> Result<(), MmError> {
-    let limit = info.nr_pages.min(xen::BOOT_MAP_MAX_PAGES);
-    let boot_va = |pfn: u64| VIRT_BASE + pfn * PAGE_SIZE;
-    let mut end = info.first_free_pfn;
-    while end < limit && pagetable::lookup(boot_va(end))?.is_some_and(|p| p.is_present()) {
-        end += 1;
-    }
-    // The boot mapping maps frame N at VIRT_BASE + N pages: check the last one to be sure.
-    if end > 0 {
-        let last = pagetable::lookup(boot_va(end - 1))?.expect("boot mapping has holes");
-        assert_eq!(
-            Some(last.mfn()),
-            xen::pfn_to_mfn(end - 1),
-            "boot mapping is not the linear map"
-        );
-    }
-    BOOT_MAP_END_PFN.store(end, Ordering::Relaxed);
-    MAPPED_END_PFN.store(end, Ordering::Release);
+/// Start handing out frames after Xen's boot structures; the boot mapping ends at
+/// `boot_map_end` (found by the caller's walk).
+pub fn init(first_free_pfn: u64, boot_map_end: u64, nr_pages: u64) {
+    BOOT_MAP_END_PFN.store(boot_map_end, Ordering::Relaxed);
+    MAPPED_END_PFN.store(boot_map_end, Ordering::Release);
     let mut f = FRAMES.lock();
-    f.next_pfn = info.first_free_pfn;
-    f.mapped_end_pfn = end;
-    f.nr_pages = info.nr_pages;
-    Ok(())
+    f.next_pfn = first_free_pfn;
+    f.mapped_end_pfn = boot_map_end;
+    f.nr_pages = nr_pages;
 }
 
 pub fn stats() -> FrameStats {
@@ -124,55 +119,49 @@ pub fn stats() -> FrameStats {
     FrameStats {
         mapped_end_pfn: f.mapped_end_pfn,
         allocated: f.allocated,
+        nr_pages: f.nr_pages,
     }
 }
 
-/// Grow the direct map (a table at a time) until at least `wanted` never-used frames beyond the
-/// reserve are mapped, or the domain's memory ends. Growth itself takes its page tables from
-/// the reserve.
-fn ensure_spare(wanted: u64) -> Result<(), MmError> {
-    loop {
-        let growth = {
-            let mut f = FRAMES.lock();
-            let spare = f.mapped_end_pfn - f.next_pfn;
-            if spare >= wanted + RESERVE || f.growing || f.mapped_end_pfn >= f.nr_pages {
-                return Ok(());
-            }
-            f.growing = true;
-            let start = f.mapped_end_pfn;
-            let table_end = (start / 512 + 1) * 512;
-            (start, table_end.min(f.nr_pages))
-        };
-        let grown = grow_direct_map(growth.0, growth.1);
-        let mut f = FRAMES.lock();
-        f.growing = false;
-        grown?;
-        f.mapped_end_pfn = growth.1;
-        MAPPED_END_PFN.store(growth.1, Ordering::Release);
-    }
+/// Never-used mapped frames, and whether a growth of the direct map could add more: the range
+/// `(mapped_end, end of its L1 table or of the domain)`.
+pub fn spare() -> (u64, Option<(u64, u64)>) {
+    let f = FRAMES.lock();
+    let spare = f.mapped_end_pfn - f.next_pfn;
+    let grow = (f.mapped_end_pfn < f.nr_pages).then(|| {
+        let start = f.mapped_end_pfn;
+        let table_end = (start / 512 + 1) * 512;
+        (start, table_end.min(f.nr_pages))
+    });
+    (spare, grow)
 }
 
-fn zeroed(pfn: u64) -> Frame {
+/// The direct map now maps frames up to `end`.
+pub fn grown_to(end: u64) {
+    let mut f = FRAMES.lock();
+    f.mapped_end_pfn = f.mapped_end_pfn.max(end);
+    MAPPED_END_PFN.store(f.mapped_end_pfn, Ordering::Release);
+}
+
+fn zeroed(pfn: Pfn) -> Frame {
     let frame = Frame::from_pfn(pfn);
-    // SAFETY: the frame is ours alone and mapped read-write (boot mapping or direct map).
-    unsafe { core::ptr::write_bytes(frame.va() as *mut u8, 0, PAGE_SIZE as usize) };
+    // SAFETY: the frame was just taken from the allocator: it is ours alone, and mapped
+    // read-write at its va (the allocator only hands out mapped frames).
+    unsafe { core::ptr::write_bytes(frame.va().as_mut_ptr::<u8>(), 0, PAGE_SIZE as usize) };
     frame
 }
 
-/// A zeroed frame, mapped read-write (boot mapping or direct map).
-pub fn alloc_zeroed() -> Result<Frame, MmError> {
-    if FRAMES.lock().free_head == 0 {
-        ensure_spare(1)?;
-    }
+/// A zeroed frame from what is mapped now (the free list first); `OutOfMemory` if none is.
+pub fn take_zeroed() -> Result<Frame, MmError> {
     let mut f = FRAMES.lock();
     let pfn = if f.free_head != 0 {
-        let pfn = f.free_head - 1;
+        let pfn = Pfn::new(f.free_head - 1);
         // SAFETY: a listed frame is ours, mapped read-write, and holds the link in word 0.
         f.free_head = unsafe { core::ptr::read(va_of(pfn) as *const u64) };
         pfn
     } else if f.next_pfn < f.mapped_end_pfn {
         f.next_pfn += 1;
-        f.next_pfn - 1
+        Pfn::new(f.next_pfn - 1)
     } else {
         return Err(MmError::OutOfMemory {
             nr_pages: f.nr_pages,
@@ -183,10 +172,8 @@ pub fn alloc_zeroed() -> Result<Frame, MmError> {
     Ok(zeroed(pfn))
 }
 
-/// `n` zeroed frames with consecutive pseudo-physical numbers (what `set_ptes` advances over),
-/// mapped read-write (boot mapping or direct map).
-pub fn alloc_run(n: u64) -> Result<alloc::vec::Vec<Frame>, MmError> {
-    ensure_spare(n)?;
+/// `n` zeroed never-used frames with consecutive pseudo-physical numbers.
+pub fn take_run(n: u64) -> Result<alloc::vec::Vec<Frame>, MmError> {
     let first = {
         let mut f = FRAMES.lock();
         if f.mapped_end_pfn - f.next_pfn < n {
@@ -198,43 +185,24 @@ pub fn alloc_run(n: u64) -> Result<alloc::vec::Vec<Frame>, MmError> {
         f.allocated += n;
         f.next_pfn - n
     };
-    Ok((first..first + n).map(zeroed).collect())
+    Ok((first..first + n).map(|p| zeroed(Pfn::new(p))).collect())
 }
 
-/// Give a frame back. It must be mapped read-write (boot mapping or direct map) (not a page table) and
-/// no longer mapped or used anywhere else.
-pub fn free(frame: Frame) {
-    // Handing back a boot frame or a page table would corrupt the kernel: a BUG, caught here.
-    let first = xen::boot_info().first_free_pfn;
-    let mapped_end = FRAMES.lock().mapped_end_pfn;
-    assert!(
-        (first..mapped_end).contains(&frame.pfn),
-        "BUG: frames::free of pfn {:#x}, not an allocatable frame ({first:#x}..{mapped_end:#x})",
-        frame.pfn
-    );
-    let linear = pagetable::lookup(frame.va()).ok().flatten();
-    assert!(
-        linear.is_some_and(|p| p
-            .flags()
-            .contains(x86_64::structures::paging::PageTableFlags::WRITABLE)),
-        "BUG: frames::free of pfn {:#x}, which is not mapped writable (a page table?)",
-        frame.pfn
-    );
+/// Give a frame back. Its owner checked that it is mapped read-write at [`Frame::va`] and
+/// mapped or used nowhere else.
+pub fn put(frame: Frame) {
+    let first = boot_info().first_free_pfn;
     let mut f = FRAMES.lock();
-    // SAFETY: the caller hands the frame over; its mapping is read-write.
-    unsafe { core::ptr::write(frame.va() as *mut u64, f.free_head) };
-    f.free_head = frame.pfn + 1;
+    // Handing back a boot frame would corrupt the kernel: a BUG, caught here.
+    assert!(
+        (first..f.mapped_end_pfn).contains(&frame.pfn.get()),
+        "BUG: frames::put of pfn {}, not an allocatable frame ({first:#x}..{:#x})",
+        frame.pfn,
+        f.mapped_end_pfn
+    );
+    // SAFETY: the frame is handed over (the caller checked its mapping is read-write); word 0
+    // holds the link from now on.
+    unsafe { core::ptr::write(frame.va().as_mut_ptr::<u64>(), f.free_head) };
+    f.free_head = frame.pfn.get() + 1;
     f.allocated -= 1;
-}
-
-/// Map frames `start..end` (one L1 table's worth at most, beyond the boot mapping, below
-/// `nr_pages`) into the direct map.
-fn grow_direct_map(start: u64, end: u64) -> Result<(), MmError> {
-    let va = va_of(start);
-    let ptep = pagetable::ensure_l1(va)?;
-    let first = Pte::from_pfn(start, KERNEL_RW).ok_or(MmError::OutOfMemory {
-        nr_pages: xen::boot_info().nr_pages,
-    })?;
-    pte::set_ptes(va, ptep, first, end - start)?;
-    Ok(())
 }

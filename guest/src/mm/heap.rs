@@ -2,8 +2,9 @@
 //! [`HEAP_VA`], so the allocator itself is a user of the page-table code.
 
 use linked_list_allocator::LockedHeap;
+use x86_64::VirtAddr;
 
-use crate::mm::{MmError, pagetable};
+use super::{MmError, memory, pagetable};
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
@@ -12,15 +13,27 @@ static HEAP: LockedHeap = LockedHeap::empty();
 pub const HEAP_VA: u64 = 0xFFFF_C900_0000_0000;
 pub const HEAP_PAGES: u64 = 1024;
 
-/// Map the heap's pages and give them to the allocator.
+static INIT: spin::Once<()> = spin::Once::new();
+
+/// Map the heap's pages and give them to the allocator (once).
 pub fn init() -> Result<(), MmError> {
-    pagetable::map_fresh(HEAP_VA, HEAP_PAGES, |_, _| {})?;
-    // SAFETY: the range was just mapped read-write for the heap alone, and `init` runs once.
-    unsafe {
-        HEAP.lock()
-            .init(HEAP_VA as *mut u8, (HEAP_PAGES * 4096) as usize)
-    };
-    Ok(())
+    INIT.try_call_once(|| {
+        // SAFETY: the heap's L4 slot is reserved for it and nothing maps it before this.
+        unsafe {
+            pagetable::map_fresh(
+                VirtAddr::new(HEAP_VA),
+                HEAP_PAGES,
+                &mut memory::alloc_zeroed,
+            )?
+        };
+        // SAFETY: the range was just mapped read-write for the heap alone, and this runs once.
+        unsafe {
+            HEAP.lock()
+                .init(HEAP_VA as *mut u8, (HEAP_PAGES * 4096) as usize)
+        };
+        Ok(())
+    })
+    .map(drop)
 }
 
 /// (used, free) bytes.

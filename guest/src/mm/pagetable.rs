@@ -1,124 +1,180 @@
 //! Walking and growing the live 4-level page tables.
 //!
-//! Xen PV page tables hold machine frames and are read-only to the guest: we read them through
-//! the kernel's mappings of the domain's frames (M2P gives the frame's pseudo-physical number)
-//! and change them only with hypercalls. Entries are read with `pte::ptep_get`, so a walk sees writes still queued in a
-//! lazy section (the read flushes them first).
+//! Xen PV page tables hold machine frames and are read-only to the guest: they are read with
+//! `pte::ptep_get` (so a walk sees writes still queued in a lazy section: the read flushes them
+//! first) and changed only with hypercalls. A new table is a zeroed frame, mapped read-only,
+//! pinned at its level, then hooked into its parent; in a lazy section these ride in the batch.
 
-use hypercalls::abi::{MMUEXT_PIN_L1_TABLE, MMUEXT_PIN_L2_TABLE, MMUEXT_PIN_L3_TABLE, mmuext_mfn};
-use x86_64::structures::paging::PageTableFlags;
+use hypercalls::{MachAddr, Mfn, PAGE_SIZE, Pte};
+use lazy_mmu::{MmuError, TableLevel, TableOp};
+use x86_64::VirtAddr;
+use x86_64::structures::paging::{PageTableFlags, PageTableIndex};
 
 use super::MmError;
-use super::frames;
-use super::pte::{self, KERNEL_RO, Pte, PtePtr};
-use crate::xen::{self, VIRT_BASE};
+use super::frames::Frame;
+use super::pte::{self, KERNEL_RO, KERNEL_RW};
+use crate::xen::boot_info;
+use crate::xen::p2m;
+use crate::xen::start_info::VIRT_BASE;
 
 /// Flags of a non-leaf entry (Xen adds USER for a 64-bit PV kernel).
-const TABLE_FLAGS: PageTableFlags = PageTableFlags::from_bits_truncate(
+pub const TABLE_FLAGS: PageTableFlags = PageTableFlags::from_bits_truncate(
     PageTableFlags::PRESENT.bits()
         | PageTableFlags::WRITABLE.bits()
         | PageTableFlags::ACCESSED.bits(),
 );
 
-fn index(va: u64, level: u32) -> u64 {
-    (va >> (12 + 9 * (level - 1))) & 511
+/// Index of `va` in its table at `level` (1..=4).
+fn index(va: VirtAddr, level: u8) -> PageTableIndex {
+    match level {
+        4 => va.p4_index(),
+        3 => va.p3_index(),
+        2 => va.p2_index(),
+        _ => va.p1_index(),
+    }
+}
+
+fn entry_ptr(table: Mfn, idx: PageTableIndex) -> MachAddr {
+    table
+        .entry(u64::from(idx))
+        .expect("a table index is below 512")
 }
 
 /// Machine frame of the L4 Xen booted us on.
-pub fn l4_mfn() -> u64 {
-    let info = xen::boot_info();
-    xen::pfn_to_mfn((info.pt_base - VIRT_BASE) / xen::PAGE_SIZE)
-        .expect("pt_base lies in the boot mapping (validated)")
+pub fn l4_mfn() -> Mfn {
+    let info = boot_info();
+    let pfn = hypercalls::Pfn::new((info.pt_base - VIRT_BASE) / PAGE_SIZE);
+    p2m::pfn_to_mfn(pfn).expect("pt_base lies in the boot mapping (validated)")
 }
 
-fn entry_ptr(table_mfn: u64, idx: u64) -> PtePtr {
-    PtePtr((table_mfn << 12) + idx * 8)
-}
-
-fn check_va(va: u64) -> Result<(), MmError> {
-    let canonical = (va >> 47) == 0 || (va >> 47) == 0x1ffff;
-    let l4 = index(va, 4);
-    if !canonical || (256..272).contains(&l4) {
-        return Err(MmError::ReservedAddress { va });
+/// Is `va` an address the kernel may map: not in Xen's reserved L4 slots (256..272)?
+/// (`VirtAddr` is canonical by construction.)
+fn check_va(va: VirtAddr) -> Result<(), MmError> {
+    if (256..272).contains(&u16::from(va.p4_index())) {
+        return Err(MmError::ReservedAddress { va: va.as_u64() });
     }
     Ok(())
 }
 
-/// The L1 entry for `va`, if the upper levels exist (`None` if one is missing).
-pub fn l1_entry(va: u64) -> Result<Option<PtePtr>, MmError> {
+/// The entry at `level` (1..=4) for `va`, if the tables above it exist.
+pub fn entry_at(va: VirtAddr, level: u8) -> Result<Option<MachAddr>, MmError> {
     check_va(va)?;
-    let mut table = l4_mfn();
-    for level in [4, 3, 2] {
-        let e = pte::ptep_get(entry_ptr(table, index(va, level)))?;
+    let mut table = super::pagetable::l4_mfn();
+    for l in (level + 1..=4).rev() {
+        let e = pte::ptep_get(entry_ptr(table, index(va, l)))?;
         if !e.is_present() {
             return Ok(None);
         }
         if e.flags().contains(PageTableFlags::HUGE_PAGE) {
-            return Err(MmError::HugePage { va, level });
+            return Err(MmError::HugePage {
+                va: va.as_u64(),
+                level: u32::from(l),
+            });
         }
         table = e.mfn();
     }
-    Ok(Some(entry_ptr(table, index(va, 1))))
+    Ok(Some(entry_ptr(table, index(va, level))))
 }
 
 /// The L1 entry value that maps `va` (`None` if no L1 table covers it).
-pub fn lookup(va: u64) -> Result<Option<Pte>, MmError> {
-    match l1_entry(va)? {
+pub fn lookup(va: VirtAddr) -> Result<Option<Pte>, MmError> {
+    match entry_at(va, 1)? {
         Some(p) => Ok(Some(pte::ptep_get(p)?)),
         None => Ok(None),
     }
 }
 
-/// The L1 entry for `va`, creating the missing tables: each new table is a zeroed frame, mapped
-/// read-only, pinned at its level, then hooked into its parent. In a lazy section these ride in
-/// the batch, in that order.
-pub fn ensure_l1(va: u64) -> Result<PtePtr, MmError> {
+/// The L1 entry for `va`, creating the missing tables from frames `alloc` hands out. Returns
+/// the entry and, if this call created it, the new L1 table's frame (the upper tables stay in
+/// the tree for good).
+pub fn ensure_l1(
+    va: VirtAddr,
+    alloc: &mut dyn FnMut() -> Result<Frame, MmError>,
+) -> Result<(MachAddr, Option<Frame>), MmError> {
     check_va(va)?;
     let mut table = l4_mfn();
-    for level in [4, 3, 2] {
+    let mut new_l1 = None;
+    for level in [4u8, 3, 2] {
         let slot = entry_ptr(table, index(va, level));
         let e = pte::ptep_get(slot)?;
         if e.is_present() {
             if e.flags().contains(PageTableFlags::HUGE_PAGE) {
-                return Err(MmError::HugePage { va, level });
+                return Err(MmError::HugePage {
+                    va: va.as_u64(),
+                    level: u32::from(level),
+                });
             }
             table = e.mfn();
             continue;
         }
-        let frame = frames::alloc_zeroed()?;
+        let frame = alloc()?;
         let pin = match level {
-            4 => MMUEXT_PIN_L3_TABLE,
-            3 => MMUEXT_PIN_L2_TABLE,
-            _ => MMUEXT_PIN_L1_TABLE,
+            4 => TableLevel::L3,
+            3 => TableLevel::L2,
+            _ => TableLevel::L1,
         };
-        pte::update_va_mapping(frame.va(), Pte::from_mfn(frame.mfn, KERNEL_RO))?;
-        pte::mmuext(mmuext_mfn(pin, frame.mfn))?;
-        pte::set_pte(slot, Pte::from_mfn(frame.mfn, TABLE_FLAGS), 0)?;
-        table = frame.mfn;
+        let mfn = frame.mfn();
+        // SAFETY: the frame is fresh and ours (from `alloc`); nothing references it but its
+        // kernel mapping, which becomes read-only (a page table may only be mapped so).
+        unsafe { pte::update_va_mapping(frame.va(), Pte::new(mfn, KERNEL_RO))? };
+        pte::table_op(TableOp::Pin(pin, mfn))?;
+        // SAFETY: the entry was not present: hooking a zeroed table (all entries empty) maps
+        // nothing new.
+        unsafe { pte::set_table_entry(slot, Pte::new(mfn, TABLE_FLAGS))? };
+        if level == 2 {
+            new_l1 = Some(frame);
+        }
+        table = mfn;
     }
-    Ok(entry_ptr(table, index(va, 1)))
+    Ok((entry_ptr(table, index(va, 1)), new_l1))
 }
 
-/// Map `pages` fresh zeroed frames read-write at `va` in one lazy section, telling `on_page`
-/// which frame backs page `i`.
-pub fn map_fresh(
-    va: u64,
+/// Take the L1 table `frame` (hooked at the L2 entry for `va`) out of the tree and make it an
+/// ordinary frame again: unhook, unpin, map it read-write. Returns the frame for freeing.
+///
+/// # Safety
+/// Every entry of the table must be empty (or the caller must not care that what it maps
+/// disappears), and the table must be the one [`ensure_l1`] returned for `va`.
+pub unsafe fn remove_l1(va: VirtAddr, frame: Frame) -> Result<Frame, MmError> {
+    let slot = entry_at(va, 2)?.ok_or(MmError::ReservedAddress { va: va.as_u64() })?;
+    // SAFETY: the caller promises the table maps nothing anyone relies on.
+    unsafe { pte::set_table_entry(slot, Pte::NONE)? };
+    pte::table_op(TableOp::Unpin(frame.mfn()))?;
+    pte::flush_tlb_local()?;
+    // SAFETY: the frame is no page table any more and ours: its kernel mapping becomes
+    // read-write again, as the allocator hands frames out.
+    unsafe { pte::update_va_mapping(frame.va(), Pte::new(frame.mfn(), KERNEL_RW))? };
+    Ok(frame)
+}
+
+/// Map `pages` fresh zeroed frames read-write at `va` in one lazy section, taking table and
+/// data frames from `alloc`. The frames are given up for good (the heap's use).
+///
+/// # Safety
+/// The range must be reserved for the caller: nothing maps or uses it yet.
+pub unsafe fn map_fresh(
+    va: VirtAddr,
     pages: u64,
-    mut on_page: impl FnMut(u64, frames::Frame),
+    alloc: &mut dyn FnMut() -> Result<Frame, MmError>,
 ) -> Result<(), MmError> {
-    let section = pte::LazySection::enter();
-    let mut l1: Option<PtePtr> = None;
+    let section = pte::LazySection::enter()?;
+    let mut l1: Option<MachAddr> = None;
     for i in 0..pages {
-        let page_va = va + i * xen::PAGE_SIZE;
-        let ptep = match l1 {
-            Some(p) if index(page_va, 1) != 0 => p.offset(1),
-            _ => ensure_l1(page_va)?,
+        let page_va = va + i * PAGE_SIZE;
+        let ptep = match l1.and_then(|p| p.entry_in_table(1)) {
+            Some(next) if u16::from(page_va.p1_index()) != 0 => next,
+            _ => ensure_l1(page_va, alloc)?.0,
         };
         l1 = Some(ptep);
-        let frame = frames::alloc_zeroed()?;
-        pte::set_pte(ptep, Pte::from_mfn(frame.mfn, pte::KERNEL_RW), page_va)?;
-        on_page(i, frame);
+        let frame = alloc()?;
+        // SAFETY: the caller reserved the range; the frame is fresh and ours.
+        unsafe { pte::set_pte(ptep, Pte::new(frame.mfn(), KERNEL_RW), page_va)? };
     }
-    section.leave()?;
-    Ok(())
+    section.leave().map_err(MmError::Mmu)
+}
+
+impl From<MmuError> for MmError {
+    fn from(e: MmuError) -> Self {
+        MmError::Mmu(e)
+    }
 }

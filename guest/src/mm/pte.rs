@@ -1,24 +1,28 @@
-//! The kernel's page-table write API: `set_pte`, `set_ptes`, `ptep_get` and the lazy-MMU
-//! section calls, over the per-vCPU [`LazyMmu`] batch and real Xen.
+//! The kernel's page-table write path: `set_pte`, `set_ptes`, `ptep_get`, TLB operations and
+//! the lazy-MMU section calls, over the per-vCPU [`LazyMmu`] batch and real Xen.
 //!
-//! PTE values are machine values (Xen PV page tables hold MFNs); [`Pte::from_pfn`] translates a
-//! pseudo-physical frame through the P2M, and `set_ptes` advances frame by frame in
-//! pseudo-physical space, as Linux's `pte_next_pfn()` does on Xen PV.
+//! Xen checks every page-table write for *Xen's* safety, never for the kernel's: a write that
+//! unmaps the stack or maps a frame the heap uses is accepted. So the functions that change
+//! live mappings are `unsafe`, and their callers promise what no type can check (Linux's
+//! `set_pte` contract): the entries they write are theirs, and no Rust reference relies on
+//! what they change. Code that must not be trusted with that (tests, the benchmark) uses an
+//! owned [`super::region::Region`] instead. Reading entries, TLB operations and the section
+//! calls are safe.
 //!
-//! Contract (as for Linux's `set_pte`): these calls change live mappings, which no type system
-//! can check; a caller only maps and unmaps addresses it owns (fresh frames, its own regions),
-//! never memory that other code still references.
+//! PTE values are machine values (Xen PV page tables hold MFNs); `set_ptes` advances frame by
+//! frame in pseudo-physical space, as Linux's `pte_next_pfn()` does on Xen PV.
 
-use core::fmt;
+use alloc::vec::Vec;
 
-use hypercalls::abi::{MMUEXT_INVLPG_LOCAL, MMUEXT_TLB_FLUSH_LOCAL};
-use hypercalls::abi::{MmuextOp, UVMF_INVLPG, mmuext_plain, mmuext_va};
+use hypercalls::abi::UVMF_INVLPG;
+use hypercalls::{MachAddr, Pfn, Pte};
+use lazy_mmu::{Counters, LazyMmu, MmuError, Refusal, SetPtesRule, TableOp, check_set_ptes};
+use x86_64::VirtAddr;
 use x86_64::structures::paging::PageTableFlags;
 
 use super::MmError;
-use super::lazy::{Counters, LazyMmu, MmuError, SetPtesRule};
 use super::xen_hv::XenHv;
-use crate::xen;
+use crate::xen::{boot_info, p2m};
 
 /// Most vCPUs the per-vCPU state is sized for (the guest brings up one).
 pub const MAX_VCPUS: usize = 1;
@@ -26,67 +30,21 @@ pub const MAX_VCPUS: usize = 1;
 /// One vCPU's lazy-MMU state behind its lock.
 struct PerCpuLazy(spin::Mutex<LazyMmu<XenHv>>);
 
-// SAFETY: the only non-Send part is the raw `vcpumask` pointer inside queued `mmuext_op`
-// values; we never queue ops that use it, and the queue only copies the values to Xen.
+// SAFETY: the only part that is not Send is the raw `vcpumask` pointer inside the union of
+// queued `mmuext_op` values; no queued op uses it (`TableOp` has no multi-vCPU flush), and the
+// queue only copies the values to Xen.
 unsafe impl Sync for PerCpuLazy {}
 
-static LAZY: [PerCpuLazy; MAX_VCPUS] = [PerCpuLazy(spin::Mutex::new(LazyMmu::new(XenHv)))];
+static LAZY: [PerCpuLazy; MAX_VCPUS] = [PerCpuLazy(spin::Mutex::new(LazyMmu::new(XenHv::new())))];
 
 /// The current vCPU's lazy-MMU state. The guest runs on vCPU 0 only.
 fn this_cpu() -> spin::MutexGuard<'static, LazyMmu<XenHv>> {
     LAZY[0].0.lock()
 }
 
-/// Page-table entry value as Xen sees it (machine frame + flags).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Pte(pub u64);
-
-const FRAME_MASK: u64 = 0x000F_FFFF_FFFF_F000;
-
-impl Pte {
-    pub const NONE: Pte = Pte(0);
-
-    /// Map machine frame `mfn` with `flags`.
-    pub fn from_mfn(mfn: u64, flags: PageTableFlags) -> Pte {
-        Pte((mfn << 12) & FRAME_MASK | flags.bits())
-    }
-
-    /// Map pseudo-physical frame `pfn` with `flags` (P2M translation); `None` beyond the domain.
-    pub fn from_pfn(pfn: u64, flags: PageTableFlags) -> Option<Pte> {
-        Some(Pte::from_mfn(xen::pfn_to_mfn(pfn)?, flags))
-    }
-
-    pub fn mfn(self) -> u64 {
-        (self.0 & FRAME_MASK) >> 12
-    }
-
-    /// Pseudo-physical frame (M2P translation); `None` unless the machine frame is the domain's.
-    pub fn pfn(self) -> Option<u64> {
-        xen::owned_pfn(self.mfn())
-    }
-
-    pub fn flags(self) -> PageTableFlags {
-        PageTableFlags::from_bits_truncate(self.0 & !FRAME_MASK)
-    }
-
-    pub fn is_present(self) -> bool {
-        self.0 & PageTableFlags::PRESENT.bits() != 0
-    }
-
-    /// The same flags `steps` pseudo-physical frames further on (Linux: `pte_next_pfn`); a
-    /// non-present entry stays as it is. `None` if that frame is not the domain's.
-    pub fn next_pfn(self, steps: u64) -> Option<Pte> {
-        if !self.is_present() {
-            return Some(self);
-        }
-        Pte::from_pfn(self.pfn()?.checked_add(steps)?, self.flags())
-    }
-}
-
-impl fmt::Debug for Pte {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Pte({:#x})", self.0)
-    }
+/// Run `f` on the current vCPU's batch (inside `mm` only: the batch writes live tables).
+pub(super) fn with_lazy<T>(f: impl FnOnce(&mut LazyMmu<XenHv>) -> T) -> T {
+    f(&mut this_cpu())
 }
 
 /// Kernel read-write data mapping. Xen adds USER (a PV kernel runs in ring 3) and its own bit.
@@ -95,17 +53,6 @@ pub const KERNEL_RW: PageTableFlags = PageTableFlags::from_bits_truncate(
 );
 /// Kernel read-only mapping (page-table pages).
 pub const KERNEL_RO: PageTableFlags = PageTableFlags::PRESENT;
-
-/// Machine address of a page-table entry (what `mmu_update` takes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PtePtr(pub u64);
-
-impl PtePtr {
-    /// The entry `n` slots further on.
-    pub fn offset(self, n: u64) -> PtePtr {
-        PtePtr(self.0 + 8 * n)
-    }
-}
 
 /// A fatal misuse of the lazy-MMU API is a kernel bug, as `BUG()` is in Linux.
 fn bug_on_misuse(result: Result<(), MmuError>) -> Result<(), MmuError> {
@@ -116,29 +63,31 @@ fn bug_on_misuse(result: Result<(), MmuError>) -> Result<(), MmuError> {
     }
 }
 
-/// Enter a lazy-MMU section. In `lazy=strict` mode a nested enter is a `BUG`.
-pub fn enter() {
+/// Enter a lazy-MMU section. In `lazy=strict` mode a nested enter is a `BUG`; beyond the
+/// nesting limit it is refused.
+pub fn enter() -> Result<(), MmuError> {
     let r = this_cpu().enter();
-    let _ = bug_on_misuse(r);
+    bug_on_misuse(r)
 }
 
-/// Leave a lazy-MMU section: flushes (every leave does); the outermost leave stops batching.
-/// An unbalanced leave is a `BUG`.
+/// Leave a lazy-MMU section: flushes (every leave does); the outermost leave stops batching
+/// and reports the refusals. An unbalanced leave is a `BUG`.
 pub fn leave() -> Result<(), MmuError> {
     let r = this_cpu().leave();
     bug_on_misuse(r)
 }
 
-/// Issue what is queued.
+/// Issue what is queued; report every refusal held so far.
 pub fn flush() -> Result<(), MmuError> {
     this_cpu().flush()
 }
 
-/// Suspend batching (flushing first); `resume` picks it up at the same depth.
+/// Suspend batching (flushing first); [`resume`] picks it up at the same depth.
 pub fn pause() -> Result<(), MmuError> {
     this_cpu().pause()
 }
 
+/// Resume batching. An unbalanced resume is a `BUG`.
 pub fn resume() {
     let r = this_cpu().resume();
     let _ = bug_on_misuse(r);
@@ -148,12 +97,27 @@ pub fn is_active() -> bool {
     this_cpu().is_active()
 }
 
+pub fn depth() -> u32 {
+    this_cpu().depth()
+}
+
 pub fn counters() -> Counters {
     this_cpu().counters()
 }
 
-/// Close any open lazy section and pause (flushing), for the test runner between tests.
-/// Returns what was open, if anything.
+/// Queued (multicall entries, `mmu_update` requests).
+pub fn queued() -> (usize, usize) {
+    let l = this_cpu();
+    (l.queued_entries(), l.queued_requests())
+}
+
+/// The refusals of the last report (up to `lazy_mmu::MAX_REPORTED`).
+pub fn last_refusals() -> Vec<Refusal> {
+    this_cpu().last_refusals().copied().collect()
+}
+
+/// Close any open lazy section and pause (flushing, keeping nothing to report), for the test
+/// runner between tests. Returns what was open, if anything.
 pub fn reset_lazy_state() -> Option<alloc::string::String> {
     let mut l = this_cpu();
     let (depth, paused) = (l.depth(), l.is_paused());
@@ -164,8 +128,10 @@ pub fn reset_lazy_state() -> Option<alloc::string::String> {
         let _ = l.resume();
     }
     while l.depth() > 0 {
-        let _ = l.leave();
+        let _ = l.leave_deferring();
     }
+    // Drop refusals nobody will ask for.
+    let _ = l.flush();
     Some(alloc::format!("depth {depth}, paused {paused}"))
 }
 
@@ -174,21 +140,18 @@ pub fn set_strict(strict: bool) {
     this_cpu().set_strict(strict);
 }
 
-/// Run `f` with the current vCPU's lazy-MMU state (tests and the benchmark).
-pub fn with_lazy<T>(f: impl FnOnce(&mut LazyMmu<XenHv>) -> T) -> T {
-    f(&mut this_cpu())
-}
-
-/// A lazy-MMU section that leaves when dropped (panicking if that flush reports rejected
-/// requests; use [`LazySection::leave`] to handle them).
+/// A lazy-MMU section that leaves when dropped. [`LazySection::leave`] reports the refusals;
+/// a section dropped without it (an error path, a `?`) leaves without reporting: its
+/// refusals go to the next call that reports, and the error already in flight is not
+/// replaced by a panic.
 pub struct LazySection {
     left: bool,
 }
 
 impl LazySection {
-    pub fn enter() -> LazySection {
-        enter();
-        LazySection { left: false }
+    pub fn enter() -> Result<LazySection, MmuError> {
+        enter()?;
+        Ok(LazySection { left: false })
     }
 
     pub fn leave(mut self) -> Result<(), MmuError> {
@@ -199,68 +162,115 @@ impl LazySection {
 
 impl Drop for LazySection {
     fn drop(&mut self) {
-        if !self.left
-            && let Err(e) = leave()
-        {
-            panic!("lazy MMU section ended with an error nobody handled: {e}");
+        if !self.left {
+            let r = this_cpu().leave_deferring();
+            let _ = bug_on_misuse(r);
         }
     }
 }
 
-/// Write one page-table entry that maps `va` (0 if not a leaf mapping): queued in lazy mode,
-/// one `mmu_update` otherwise.
-pub fn set_pte(ptep: PtePtr, pte: Pte, va: u64) -> Result<(), MmuError> {
-    this_cpu().set_pte(ptep.0, pte.0, va)
+/// Write `pte` to the leaf entry at `ptep`, which maps `va`: queued in lazy mode, one
+/// `mmu_update` otherwise (a refusal is then this call's error).
+///
+/// # Safety
+/// The entry must be the caller's to change: no Rust reference may rely on what `va` maps now,
+/// and `pte` must map a frame the caller may hand out at `va` (or nothing).
+pub unsafe fn set_pte(ptep: MachAddr, pte: Pte, va: VirtAddr) -> Result<(), MmuError> {
+    this_cpu().set_pte(ptep, pte, va)
 }
 
-/// Linux's generic `set_ptes()`: `nr` consecutive entries from `ptep` (mapping `addr` onwards),
-/// the frame advancing by one page each step, inside its own lazy section.
-pub fn set_ptes(addr: u64, ptep: PtePtr, pte: Pte, nr: u64) -> Result<(), MmuError> {
-    // The frames must exist before anything is queued (the P2M lookups would fail mid-way). A
-    // machine frame that is not the domain's has no frame number: Xen's M2P says INVALID.
-    if pte.is_present() {
-        let first_pfn = pte.pfn().unwrap_or(xen::INVALID_PFN);
-        let nr_pages = xen::boot_info().nr_pages;
-        if first_pfn >= nr_pages || nr > nr_pages - first_pfn {
-            let rule = SetPtesRule::FramesBeyondDomain {
-                first_pfn,
-                nr,
-                nr_pages,
-            };
-            return Err(MmuError::SetPtes(rule));
-        }
-    }
-    // Every frame was checked above to be the domain's.
-    let next = |i| pte.next_pfn(i).expect("set_ptes: frames checked").0;
-    let r = this_cpu().set_ptes(addr, ptep.0, nr, next);
+/// Write `pte` to the upper-level (L2..L4) entry at `ptr`: hook or unhook a page table.
+///
+/// # Safety
+/// As for [`set_pte`], for the whole range the entry covers; a hooked table must be one the
+/// caller owns.
+pub unsafe fn set_table_entry(ptr: MachAddr, pte: Pte) -> Result<(), MmuError> {
+    this_cpu().set_table_entry(ptr, pte)
+}
+
+/// Linux's generic `set_ptes()`: `nr` consecutive entries from `ptep` (mapping `addr`
+/// onwards), the frame advancing by one pseudo-physical page each step, inside a lazy section
+/// of its own. Before anything is queued: the contract (`nr`, alignment, one L1 table), then the
+/// frames (all the domain's). Overflow-proof for any `nr`.
+///
+/// # Safety
+/// As for [`set_pte`], for every entry and frame.
+pub unsafe fn set_ptes(addr: VirtAddr, ptep: MachAddr, pte: Pte, nr: u64) -> Result<(), MmuError> {
+    check_set_ptes(addr, ptep, nr).map_err(MmuError::SetPtes)?;
+    let first = check_frames(pte, nr).map_err(MmuError::SetPtes)?;
+    let next = |i: u64| match first {
+        // Checked above: first + i < nr_pages for every i < nr.
+        Some(pfn) => pte
+            .with_mfn(p2m::pfn_to_mfn(Pfn::new(pfn.get() + i)).expect("set_ptes: frames checked")),
+        None => pte,
+    };
+    let r = this_cpu().set_ptes(addr, ptep, nr, next);
     bug_on_misuse(r)
 }
 
-/// Read an entry, flushing first if a queued write may change it. Any frame of the domain can
-/// be read (page tables or not); a machine address outside the domain's frames is an error.
-pub fn ptep_get(ptep: PtePtr) -> Result<Pte, MmError> {
-    if xen::owned_pfn(ptep.0 >> 12).is_none() {
-        return Err(MmError::ForeignFrame { maddr: ptep.0 });
+/// `set_ptes`'s frame check: the first frame of a present `pte` if `nr` frames from it are
+/// all the domain's; `None`
+/// for a non-present value (which `set_ptes` repeats as it is).
+pub fn check_frames(pte: Pte, nr: u64) -> Result<Option<Pfn>, SetPtesRule> {
+    if !pte.is_present() {
+        return Ok(None);
     }
-    Ok(Pte(this_cpu().read_pte(ptep.0)))
+    let Some(first) = p2m::owned_pfn(pte.mfn()) else {
+        return Err(SetPtesRule::ForeignFrame { raw: pte.raw() });
+    };
+    let nr_pages = boot_info().nr_pages;
+    // An owned frame is below nr_pages: the subtraction cannot wrap.
+    if nr > nr_pages - first.get() {
+        return Err(SetPtesRule::FramesBeyondDomain {
+            first_pfn: first,
+            nr,
+            nr_pages,
+        });
+    }
+    Ok(Some(first))
 }
 
-/// Queue (or issue) an `mmuext_op`.
-pub fn mmuext(op: MmuextOp) -> Result<(), MmuError> {
-    this_cpu().mmuext(op)
+/// Change the mapping of `va` in the current tables and invalidate it.
+///
+/// # Safety
+/// As for [`set_pte`].
+pub unsafe fn update_va_mapping(va: VirtAddr, pte: Pte) -> Result<(), MmuError> {
+    this_cpu().update_va_mapping(va, pte, UVMF_INVLPG)
+}
+
+/// Queue (or issue) a table operation. Each kind is sound whatever the caller does: a TLB
+/// operation changes no mapping; a pin makes Xen validate the frame as a table (it refuses a
+/// frame mapped writable anywhere) and hold that type; an unpin drops the hold, and Xen keeps
+/// the type while the table is hooked anywhere.
+pub fn table_op(op: TableOp) -> Result<(), MmuError> {
+    this_cpu().table_op(op)
 }
 
 /// Invalidate this vCPU's TLB entry for `va` (rides in the batch in lazy mode).
-pub fn flush_tlb_one(va: u64) -> Result<(), MmuError> {
-    mmuext(mmuext_va(MMUEXT_INVLPG_LOCAL, va))
+pub fn flush_tlb_one(va: VirtAddr) -> Result<(), MmuError> {
+    table_op(TableOp::InvlpgLocal(va))
 }
 
 /// Flush this vCPU's whole TLB (rides in the batch in lazy mode).
 pub fn flush_tlb_local() -> Result<(), MmuError> {
-    mmuext(mmuext_plain(MMUEXT_TLB_FLUSH_LOCAL))
+    table_op(TableOp::TlbFlushLocal)
 }
 
-/// Change the mapping of `va` in the current tables and invalidate it.
-pub fn update_va_mapping(va: u64, pte: Pte) -> Result<(), MmuError> {
-    this_cpu().update_va_mapping(va, pte.0, UVMF_INVLPG)
+/// Read an entry, flushing first if a queued write may change it (refusals of that flush are
+/// kept for the call that ends the batching). Any frame of the domain can be read (page tables
+/// or not); a machine address outside the domain's frames is an error.
+pub fn ptep_get(ptep: MachAddr) -> Result<Pte, MmError> {
+    this_cpu().read_pte(ptep).map_err(|e| match e {
+        MmuError::NotOwned { ptr } => MmError::ForeignFrame { maddr: ptr },
+        other => MmError::Mmu(other),
+    })
+}
+
+/// The live value of an entry, without flushing anything queued.
+pub fn live_pte(ptep: MachAddr) -> Result<Pte, MmError> {
+    use lazy_mmu::Hypervisor;
+    this_cpu()
+        .hypervisor()
+        .read_pte(ptep)
+        .map_err(|e| MmError::ForeignFrame { maddr: e.ptr })
 }

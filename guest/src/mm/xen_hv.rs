@@ -1,115 +1,159 @@
-//! The lazy-MMU core's [`Hypervisor`] over real hypercalls: marshals queued entries into
-//! `multicall_entry`s and reads page-table entries through the kernel's mappings of the domain's
-//! frames (boot mapping, direct map), or a one-page window for a frame not mapped there.
+//! The lazy-MMU core's [`Hypervisor`] over real hypercalls: marshals a queued batch into
+//! `multicall_entry`s, and reads page-table entries through the kernel's mappings of the
+//! domain's frames (boot mapping, direct map) or a one-page window for a frame not mapped there.
+//!
+//! Private to `mm`: [`XenHv`] can only be built here, so every request it issues comes through
+//! `mm::pte` (whose functions carry the contract) or an owned `mm::region::Region`.
 
 use hypercalls::abi::{DOMID_SELF, MmuUpdate, MmuextOp};
-use hypercalls::multicall::{self, EMPTY_ENTRY};
-use hypercalls::{PartialFailure, XenError, calls};
+use hypercalls::calls::{self, batch};
+use hypercalls::multicall::{self, EMPTY_ENTRY, MulticallEntry};
+use hypercalls::{MachAddr, PartialFailure, Pte, XenError};
+use lazy_mmu::{
+    Batch, DEFAULT_ENTRIES, Entry, EntryOutcome, Hypervisor, MulticallFailure, ReadError,
+};
+use x86_64::VirtAddr;
 
 use super::frames;
-use super::lazy::{DEFAULT_ENTRIES, Entry, EntryOutcome, Hypervisor};
-use crate::xen;
+use crate::xen::p2m;
+use crate::xen::shared::SharedPageSlot;
 
-/// Real Xen, for the calling domain.
-pub struct XenHv;
+/// Real Xen, for the calling domain. Only `mm` can make one (the field is private).
+pub struct XenHv(());
 
-/// Most multicall entries one flush can carry (the largest queue in use).
-const MAX_ENTRIES: usize = DEFAULT_ENTRIES;
+impl XenHv {
+    pub(super) const fn new() -> XenHv {
+        XenHv(())
+    }
+}
 
-// Every hypercall below changes live page tables on behalf of `mm::pte`, the kernel's only
-// page-table write path. Its contract (see that module) is Linux's: the kernel code calling it
-// owns the addresses it maps and unmaps (fresh frames becoming page tables, the heap while it
-// is built, test and benchmark regions), so no change pulls memory out from under a live
-// reference. The safety comments below rest on that contract.
+/// Most multicall entries one flush carries: the largest queue in use (the per-vCPU batch;
+/// Linux's and the stress test's tiny one are smaller). Checked where the queues are built.
+pub(super) const MAX_ENTRIES: usize = DEFAULT_ENTRIES;
+
+/// A `result` Xen never writes (its results are 0 or a negative errno): an entry still holding
+/// it after a failed multicall did not run.
+const NOT_RUN: u64 = 0x8000_0000_0000_0000;
+
+// Every request below comes from a `LazyMmu<XenHv>`, which only `mm` builds; its callers are
+// `mm::pte`'s unsafe functions (whose callers promise the change is sound), the safe TLB
+// operations, and `Region`, which writes only entries of its own reserved range. So no request
+// pulls memory out from under a live reference. The safety comments below rest on that.
 impl Hypervisor for XenHv {
     fn mmu_update(&mut self, reqs: &[MmuUpdate]) -> Result<(), PartialFailure> {
-        // SAFETY: requests come from mm::pte's callers, under the contract above.
-        unsafe { calls::mmu_update(reqs, DOMID_SELF) }
+        // SAFETY: requests from mm's callers, under the contract above.
+        unsafe { batch(reqs, DOMID_SELF) }
     }
 
     fn mmuext_op(&mut self, ops: &[MmuextOp]) -> Result<(), PartialFailure> {
-        // SAFETY: pins and TLB flushes from mm::pte; it never switches base pointers.
-        unsafe { calls::mmuext_op(ops, DOMID_SELF) }
+        // SAFETY: TLB operations, pins and unpins (`TableOp` has no base-pointer switch).
+        unsafe { batch(ops, DOMID_SELF) }
     }
 
-    fn update_va_mapping(&mut self, va: u64, val: u64, flags: u64) -> Result<(), XenError> {
-        // SAFETY: remaps from mm::pte's callers, under the contract above.
+    fn update_va_mapping(&mut self, va: VirtAddr, val: Pte, flags: u64) -> Result<(), XenError> {
+        // SAFETY: remaps from mm's callers, under the contract above.
         unsafe { calls::update_va_mapping(va, val, flags) }
     }
 
     fn multicall(
         &mut self,
-        entries: &[Entry],
-        reqs: &[MmuUpdate],
+        batch: Batch<'_>,
         outcomes: &mut [EntryOutcome],
-    ) -> Result<(), XenError> {
-        if entries.len() > MAX_ENTRIES {
-            // A batch larger than this marshalling buffer: the core then issues each entry on
-            // its own, which is correct, only slower.
-            return Err(XenError::TooBig);
+    ) -> Result<(), MulticallFailure> {
+        let n = batch.entries.len();
+        if n > MAX_ENTRIES || outcomes.len() < n {
+            // Cannot happen: every queue mm builds has at most MAX_ENTRIES entries.
+            return Err(MulticallFailure {
+                ran: 0,
+                error: XenError::TooBig,
+            });
         }
         let mut calls_buf = [EMPTY_ENTRY; MAX_ENTRIES];
         let mut done = [0u32; MAX_ENTRIES];
-        for (i, entry) in entries.iter().enumerate() {
-            calls_buf[i] = match entry {
-                Entry::MmuUpdate { first, count } => multicall::mmu_update_entry(
-                    reqs[*first as usize..].as_ptr(),
-                    *count as u32,
-                    &mut done[i],
-                    DOMID_SELF,
-                ),
-                Entry::Mmuext(op) => multicall::mmuext_op_entry(op, 1, &mut done[i], DOMID_SELF),
-                Entry::UpdateVaMapping { va, val, flags } => {
-                    multicall::update_va_mapping_entry(*va, *val, *flags)
-                }
-            };
+        for (i, entry) in batch.entries.iter().enumerate() {
+            let mut e = marshal(entry, &batch, &mut done[i]);
+            e.result = NOT_RUN;
+            calls_buf[i] = e;
         }
-        let n = entries.len();
-        // SAFETY: every pointer in `calls_buf` points into `reqs`, `entries` or `done`, all of
-        // which outlive the call; the counts match the slices they point into; what the entries
-        // change falls under the contract above.
-        unsafe { calls::multicall(&mut calls_buf[..n])? };
+        // SAFETY: every pointer in `calls_buf` points into `batch.reqs`, `batch.ops` or `done`,
+        // all of which outlive the call, with counts inside those slices (`marshal`); what the
+        // entries change falls under the contract above.
+        let ran = match unsafe { calls::multicall(&mut calls_buf[..n]) } {
+            Ok(()) => Ok(()),
+            // Xen runs the entries in order and writes each result: those still NOT_RUN did
+            // not run.
+            Err(error) => Err(MulticallFailure {
+                ran: calls_buf[..n]
+                    .iter()
+                    .take_while(|e| e.result != NOT_RUN)
+                    .count(),
+                error,
+            }),
+        };
         for i in 0..n {
-            outcomes[i] = EntryOutcome {
-                result: multicall::entry_result(&calls_buf[i]),
-                done: done[i],
-            };
+            if calls_buf[i].result != NOT_RUN {
+                outcomes[i] = EntryOutcome {
+                    result: multicall::entry_result(&calls_buf[i]),
+                    done: done[i],
+                };
+            }
         }
-        Ok(())
+        ran
     }
 
-    fn read_pte(&self, ptr: u64) -> u64 {
-        // `mm::pte::ptep_get` checks the frame before it gets here; anything else is a bug.
-        let Some(pfn) = xen::owned_pfn(ptr >> 12) else {
-            panic!("BUG: read_pte: machine address {ptr:#x} is not in a frame of this domain");
+    fn read_pte(&self, ptr: MachAddr) -> Result<Pte, ReadError> {
+        let Some(pfn) = p2m::owned_pfn(ptr.mfn()) else {
+            return Err(ReadError { ptr });
         };
+        let offset = ptr.page_offset() & !7;
         match frames::mapped_va(pfn) {
             // SAFETY: the frame is mapped there (read-write, or read-only for a page table),
-            // `ptr & 0xff8` is an aligned offset inside it, and the read has no side effects.
-            Some(va) => unsafe { core::ptr::read_volatile((va + (ptr & 0xff8)) as *const u64) },
-            None => peek(ptr).unwrap_or_else(|e| panic!("read_pte: cannot map {ptr:#x}: {e}")),
+            // `offset` is an aligned offset inside it, and the read has no side effects.
+            Some(va) => Ok(Pte::from_raw(unsafe {
+                core::ptr::read_volatile((va + offset) as *const u64)
+            })),
+            None => peek(ptr).map_err(|_| ReadError { ptr }),
+        }
+    }
+}
+
+/// One queued entry as a `multicall_entry`, with its `pdone` in `done`.
+fn marshal(entry: &Entry, batch: &Batch<'_>, done: &mut u32) -> MulticallEntry {
+    match *entry {
+        Entry::Updates { first, count } => {
+            let reqs = &batch.reqs[first as usize..first as usize + count as usize];
+            multicall::mmu_update_entry(reqs.as_ptr(), reqs.len() as u32, done, DOMID_SELF)
+        }
+        Entry::TableOps { first, count } => {
+            let ops = &batch.ops[first as usize..first as usize + count as usize];
+            multicall::mmuext_op_entry(ops.as_ptr(), ops.len() as u32, done, DOMID_SELF)
+        }
+        Entry::UpdateVaMapping { va, val, flags } => {
+            multicall::update_va_mapping_entry(va.as_u64(), val.raw(), flags)
         }
     }
 }
 
 /// The window for reading a frame that neither the boot mapping nor the direct map covers yet.
-static PEEK_SLOT: xen::SharedPageSlot = xen::SharedPageSlot::new();
+static PEEK_SLOT: SharedPageSlot = SharedPageSlot::new();
 static PEEK_LOCK: spin::Mutex<()> = spin::Mutex::new(());
 
 /// Read the entry at machine address `ptr` of one of the domain's frames through a temporary
-/// read-only mapping (two hypercalls). Public for the tests, which compare it with a direct read.
-pub fn peek(ptr: u64) -> Result<u64, XenError> {
-    let mfn = ptr >> 12;
-    if xen::owned_pfn(mfn).is_none() {
+/// read-only mapping (two hypercalls). Public for the tests, which compare it with
+/// `ptep_get`.
+pub fn peek(ptr: MachAddr) -> Result<Pte, XenError> {
+    let mfn = ptr.mfn();
+    if p2m::owned_pfn(mfn).is_none() {
         return Err(XenError::Inval);
     }
     let _guard = PEEK_LOCK.lock();
     // SAFETY: nothing references the slot's contents outside this lock; the frame is ours, and
     // a read-only mapping of it is allowed whatever its type (Xen checks).
     unsafe { PEEK_SLOT.map_machine_frame_ro(Some(mfn))? };
-    // SAFETY: the slot maps the frame now; `ptr & 0xff8` is an aligned offset inside it.
-    let value = unsafe { core::ptr::read_volatile((PEEK_SLOT.va() + (ptr & 0xff8)) as *const u64) };
+    let at = PEEK_SLOT.va() + (ptr.page_offset() & !7);
+    // SAFETY: the slot maps the frame now; `at` is an aligned offset inside it.
+    let value = unsafe { core::ptr::read_volatile(at as *const u64) };
     // SAFETY: as above; unmapping leaves no stale window onto the frame.
     unsafe { PEEK_SLOT.map_machine_frame_ro(None)? };
-    Ok(value)
+    Ok(Pte::from_raw(value))
 }

@@ -1,17 +1,26 @@
-//! The in-guest tests, one file per subject. To add one: write `fn(&Context) -> TestOutcome` in a
-//! file here and list it in `TESTS`.
+//! The in-guest tests, one small file per topic, through the kernel's safe APIs only. To add
+//! one: write `fn(&Context) -> TestOutcome` in a file here and list it in [`TESTS`].
+#![forbid(unsafe_code)]
 
-use crate::testing::TestCase;
+use crate::framework::runner::{Context, TestCase, TestOutcome};
 
-mod basics;
+mod batching;
+mod boot_info;
+mod console;
+mod eager;
+mod faults;
 mod frames;
-mod lazy_mmu;
+mod heap;
+mod nesting;
+mod refusals;
+mod set_ptes;
 mod stress;
+mod util;
 
 const fn test(
     name: &'static str,
     about: &'static str,
-    run: fn(&crate::testing::Context) -> crate::testing::TestOutcome,
+    run: fn(&Context) -> TestOutcome,
 ) -> TestCase {
     TestCase {
         name,
@@ -21,67 +30,95 @@ const fn test(
     }
 }
 
+const fn crash(
+    name: &'static str,
+    about: &'static str,
+    run: fn(&Context) -> TestOutcome,
+) -> TestCase {
+    TestCase {
+        name,
+        about,
+        run,
+        crashes: true,
+    }
+}
+
 /// Every in-guest test, in the order a full run takes them.
 pub static TESTS: &[TestCase] = &[
     test(
         "console",
         "console output reaches the backend",
-        basics::console,
+        console::console,
     ),
     test(
         "start_info",
         "start_info facts are consistent with P2M/M2P",
-        basics::start_info,
+        boot_info::start_info,
     ),
     test(
         "hypercall_page",
         "Xen filled the hypercall page; xen_version answers",
-        basics::hypercall_page,
+        boot_info::hypercall_page,
     ),
     test(
         "heap",
         "Vec/Box round trip through the allocator",
-        basics::heap,
+        heap::heap,
     ),
     test(
         "page_fault",
         "a deliberate #PF is caught, reported and recovered from",
-        basics::page_fault,
+        faults::page_fault,
     ),
     test(
         "eager_set_pte",
         "outside lazy mode one set_pte is one mmu_update",
-        lazy_mmu::eager_set_pte,
+        eager::eager_set_pte,
     ),
     test(
         "lazy_batch",
         "512 writes in a section: no hypercall before leave, one after",
-        lazy_mmu::lazy_batch,
+        batching::lazy_batch,
     ),
     test(
         "move_ptes",
         "move_ptes()-like loop with nested set_ptes across an L1 boundary",
-        lazy_mmu::move_ptes,
+        nesting::move_ptes,
     ),
     test(
         "buffer_overflow",
         "a section larger than the buffer flushes once when full",
-        lazy_mmu::buffer_overflow,
+        batching::buffer_overflow,
     ),
     test(
         "nested_sections",
         "8-deep nesting, writes at every level, every leave flushes",
-        lazy_mmu::nested_sections,
+        nesting::nested_sections,
     ),
     test(
         "invalid_request",
-        "a rejected request mid-batch is reported, the rest applied",
-        lazy_mmu::invalid_request,
+        "a refused request mid-batch is reported exactly, the rest applied",
+        refusals::invalid_request,
+    ),
+    test(
+        "paused_set_ptes",
+        "set_ptes of [ok, refused, ok] applies 0 and 2 and reports 1, paused or not",
+        refusals::paused_set_ptes,
+    ),
+    test(
+        "type_order",
+        "a refusal before a write and a table hook: queue order, both refusals named",
+        refusals::type_order,
+    ),
+    test(
+        "set_ptes_consecutive",
+        "set_ptes with nr > 1 maps consecutive frames",
+        set_ptes::set_ptes_consecutive,
     ),
     test(
         "api_misuse",
-        "set_ptes contract and unbalanced leave are refused, nothing lost",
-        lazy_mmu::api_misuse,
+        "set_ptes contract (incl. an overflowing nr) refused, nothing queued or lost",
+        set_ptes::api_misuse,
     ),
     test(
         "ptep_get_any_frame",
@@ -91,23 +128,21 @@ pub static TESTS: &[TestCase] = &[
     test(
         "set_ptes_bad_frame",
         "set_ptes with a machine frame that is not the domain's is refused, not a #PF",
-        frames::set_ptes_bad_frame,
+        set_ptes::set_ptes_bad_frame,
     ),
     test(
         "stress",
         "seeded random lazy-MMU programs checked against a shadow (seed= ops= depth=)",
         stress::stress,
     ),
-    TestCase {
-        name: "bug_privileged_instruction",
-        about: "invlpg in a ring-3 PV kernel raises #GP and is reported",
-        run: basics::bug_privileged_instruction,
-        crashes: true,
-    },
-    TestCase {
-        name: "bug_unbalanced_leave",
-        about: "an unbalanced leave through the kernel API is a BUG",
-        run: lazy_mmu::bug_unbalanced_leave,
-        crashes: true,
-    },
+    crash(
+        "bug_privileged_instruction",
+        "invlpg in a ring-3 PV kernel raises #GP and is reported",
+        faults::bug_privileged_instruction,
+    ),
+    crash(
+        "bug_unbalanced_leave",
+        "an unbalanced leave through the kernel API is a BUG",
+        nesting::bug_unbalanced_leave,
+    ),
 ];

@@ -7,6 +7,7 @@ use core::sync::atomic::{AtomicU64, Ordering, fence};
 use hypercalls::abi::XenconsInterface;
 use hypercalls::calls;
 
+#[derive(Clone, Copy)]
 enum Backend {
     /// Nothing set up yet: output goes to `console_io`, which a release Xen drops for a domU.
     None,
@@ -19,12 +20,14 @@ enum Backend {
     },
 }
 
-// SAFETY: the ring pointer is only used under the console lock; there is one vCPU per lock holder.
+// SAFETY: the ring pointer is only used through volatile accesses to the shared console page,
+// which the backend domain changes concurrently anyway; it is never turned into a reference.
 unsafe impl Send for Backend {}
+// SAFETY: as above.
+unsafe impl Sync for Backend {}
 
-pub struct Console {
-    backend: Backend,
-}
+/// The writer: one at a time behind [`CONSOLE`].
+pub struct Console;
 
 /// Bytes the backend accepted (console_io returned success, or the ring published them).
 static BYTES_ACCEPTED: AtomicU64 = AtomicU64::new(0);
@@ -34,13 +37,17 @@ pub fn bytes_accepted() -> u64 {
     BYTES_ACCEPTED.load(Ordering::SeqCst)
 }
 
-static CONSOLE: spin::Mutex<Console> = spin::Mutex::new(Console {
-    backend: Backend::None,
-});
+static CONSOLE: spin::Mutex<Console> = spin::Mutex::new(Console);
+/// Chosen once at boot.
+static BACKEND: spin::Once<Backend> = spin::Once::new();
+
+fn backend() -> Backend {
+    BACKEND.get().copied().unwrap_or(Backend::None)
+}
 
 /// Use Xen's own console (initial domain).
 pub fn init_hypervisor_console() {
-    CONSOLE.lock().backend = Backend::Hypervisor;
+    BACKEND.call_once(|| Backend::Hypervisor);
 }
 
 /// Use the PV console ring mapped at `ring`, notifying the backend on `evtchn`.
@@ -48,12 +55,12 @@ pub fn init_hypervisor_console() {
 /// # Safety
 /// `ring` must map the domain's console page for the rest of the guest's life.
 pub unsafe fn init_ring_console(ring: *mut XenconsInterface, evtchn: u32) {
-    CONSOLE.lock().backend = Backend::Ring { ring, evtchn };
+    BACKEND.call_once(|| Backend::Ring { ring, evtchn });
 }
 
 /// The name of the console in use, for the banner.
 pub fn describe() -> &'static str {
-    match CONSOLE.lock().backend {
+    match backend() {
         Backend::None => "none",
         Backend::Hypervisor => "console_io",
         Backend::Ring { .. } => "PV console ring",
@@ -63,7 +70,7 @@ pub fn describe() -> &'static str {
 /// Wait (yielding the CPU, at most `max_yields` times) until the console backend has consumed
 /// everything written. True when it has; always true for `console_io`, which is synchronous.
 pub fn drain(max_yields: u32) -> bool {
-    let ring = match CONSOLE.lock().backend {
+    let ring = match backend() {
         Backend::Ring { ring, evtchn } => {
             let _ = calls::evtchn_send(evtchn);
             ring
@@ -88,7 +95,7 @@ pub fn drain(max_yields: u32) -> bool {
 
 impl Console {
     fn write_bytes(&mut self, bytes: &[u8]) {
-        match self.backend {
+        match backend() {
             // Before the console is set up (e.g. a panic while validating start_info) try Xen's
             // own console: a debug build of Xen shows a domU's output there too.
             Backend::None | Backend::Hypervisor => {
@@ -149,23 +156,37 @@ pub fn _print(args: fmt::Arguments) {
     let _ = CONSOLE.lock().write_fmt(args);
 }
 
+/// A writer for the panic and trap paths (through [`emergency_print`]).
+pub struct Emergency;
+
+impl Write for Emergency {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        emergency_print(format_args!("{s}"));
+        Ok(())
+    }
+}
+
 /// For the panic and trap paths: take the console even if the code that failed held it.
 pub fn emergency_print(args: fmt::Arguments) {
-    if CONSOLE.is_locked() {
-        // SAFETY: the holder will never continue (we are about to crash the domain, and there is
-        // a single vCPU), so breaking its lock cannot race with it.
-        unsafe { CONSOLE.force_unlock() };
+    // The code that failed may hold the lock and never release it: write without it then (the
+    // lock only keeps lines whole; the ring is shared with the backend domain anyway).
+    match CONSOLE.try_lock() {
+        Some(mut c) => {
+            let _ = c.write_fmt(args);
+        }
+        None => {
+            let _ = Console.write_fmt(args);
+        }
     }
-    _print(args);
 }
 
 #[macro_export]
 macro_rules! print {
-    ($($arg:tt)*) => ($crate::console::_print(format_args!($($arg)*)));
+    ($($arg:tt)*) => ($crate::xen::console::_print(format_args!($($arg)*)));
 }
 
 #[macro_export]
 macro_rules! println {
     () => ($crate::print!("\n"));
-    ($($arg:tt)*) => ($crate::console::_print(format_args!("{}\n", format_args!($($arg)*))));
+    ($($arg:tt)*) => ($crate::xen::console::_print(format_args!("{}\n", format_args!($($arg)*))));
 }
