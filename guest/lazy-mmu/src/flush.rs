@@ -216,7 +216,9 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
             hv: &mut self.hv,
             counters: &mut self.counters,
         };
+        let before = refused.count;
         issuer.submit(0, reqs, name, refused);
+        self.counters.rejected += u64::from(refused.count - before);
     }
 
     /// One `update_va_mapping` at once.
@@ -231,7 +233,9 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
             hv: &mut self.hv,
             counters: &mut self.counters,
         };
+        let before = refused.count;
         issuer.update_va_mapping(0, va, val, flags, refused);
+        self.counters.rejected += u64::from(refused.count - before);
     }
 }
 
