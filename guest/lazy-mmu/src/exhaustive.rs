@@ -214,6 +214,9 @@ pub struct Stats {
     pub refusals: u64,
     /// Flushes in which a refusal held requests up (and the rest was replayed).
     pub replays: u64,
+    /// Context switches and interrupts that came while the running task was batching.
+    pub switches_in_sections: u64,
+    pub interrupts_in_sections: u64,
 }
 
 /// A program that broke a rule.
@@ -461,6 +464,7 @@ fn step<const E: usize, const R: usize>(
             (Ok(()), None)
         }
         Sym::Switch => {
+            stats.switches_in_sections += u64::from(active);
             let out = lazy.switch_out().map_err(|e| format!("switch out: {e}"))?;
             lazy.switch_in(node.saved)
                 .map_err(|e| format!("switch in: {e}"))?;
@@ -469,6 +473,7 @@ fn step<const E: usize, const R: usize>(
             (Ok(()), None)
         }
         Sym::Irq => {
+            stats.interrupts_in_sections += u64::from(active);
             interrupt(world, lazy, &mut node.reference)?;
             (Ok(()), None)
         }

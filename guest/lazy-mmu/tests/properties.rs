@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use hypercalls::XenError;
 use hypercalls::abi::{MMUEXT_INVLPG_LOCAL, MMUEXT_TLB_FLUSH_LOCAL};
-use lazy_mmu::exhaustive::{ALPHABET, Sym, check_program};
+use lazy_mmu::exhaustive::{ALPHABET, Sym, TASK_ALPHABET, check_program};
 use lazy_mmu::model::{Call, Model, Space};
 use lazy_mmu::program::{self, GenOptions, Layout, Observer, Op, RunStats, Shadow};
 use lazy_mmu::{
@@ -537,6 +537,23 @@ fn deep_walk() -> impl Strategy<Value = Vec<Sym>> {
     prop::collection::vec(prop::strategy::Union::new_weighted(weighted), 1..80)
 }
 
+/// Deep walks over two tasks with context switches and interrupts at random points.
+fn task_walk() -> impl Strategy<Value = Vec<Sym>> {
+    let weighted: Vec<(u32, Just<Sym>)> = TASK_ALPHABET
+        .iter()
+        .map(|&s| {
+            let w = match s {
+                Sym::Enter => 4,
+                Sym::Leave | Sym::Resume | Sym::Flush => 1,
+                Sym::Switch | Sym::Irq => 3,
+                _ => 2,
+            };
+            (w, Just(s))
+        })
+        .collect();
+    prop::collection::vec(prop::strategy::Union::new_weighted(weighted), 1..120)
+}
+
 fn check<const E: usize, const R: usize>(program: &[Sym]) -> Result<(), TestCaseError> {
     check_program::<E, R>(program)
         .map(|_| ())
@@ -561,6 +578,34 @@ proptest! {
     fn random_walks_match_strict_order_default_queue(program in deep_walk()) {
         check::<DEFAULT_ENTRIES, DEFAULT_REQUESTS>(&program)?;
     }
+
+    /// Two tasks and interrupts: every refusal reaches its own task, handlers never batch and
+    /// leave the interrupted state as it was, no queued write crosses a switch.
+    #[test]
+    fn random_two_task_walks_with_interrupts_match_strict_order(program in task_walk()) {
+        check::<4, 16>(&program)?;
+    }
+}
+
+/// Two-task walks reach what they are for: switches inside active sections (with something
+/// queued) and interrupts during them.
+#[test]
+fn two_task_walks_switch_and_interrupt_inside_sections() {
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let (mut refusals, mut programs, mut switches, mut interrupts) = (0, 0, 0, 0);
+    for _ in 0..300 {
+        let program = task_walk().new_tree(&mut runner).unwrap().current();
+        let stats = check_program::<4, 16>(&program).unwrap_or_else(|f| panic!("{f}"));
+        refusals += stats.refusals;
+        programs += stats.programs;
+        switches += stats.switches_in_sections;
+        interrupts += stats.interrupts_in_sections;
+    }
+    assert_eq!(programs, 300);
+    assert!(
+        refusals > 100 && switches > 300 && interrupts > 300,
+        "{refusals} refusals, {switches} switches and {interrupts} interrupts inside sections"
+    );
 }
 
 /// The walks reach what they are for: hooks, pins and unpins queued in an active section,
