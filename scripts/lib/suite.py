@@ -96,6 +96,8 @@ MEMORY_TOOLSTACK_CASES = [
 # A crash must be reported this soon after the guest starts (it crashes within a second).
 CRASH_REPORT_LIMIT_S = 10.0
 UNIT_TESTS = ROOT / "scripts" / "lib" / "tests"
+# Longest programs the exhaustive checker enumerates (~25 s on 2 cores at 7).
+EXHAUSTIVE_LENGTH = 7
 
 
 def step(title, cmd, cwd=ROOT):
@@ -223,8 +225,13 @@ verdict it must reach (including the deliberate crashes).""", epilog_text())
         ("clippy (host)", ["cargo", "clippy", "--workspace", "--all-targets", "-q", "--", "-D",
                            "warnings"]),
         ("clippy (guest target)", ["cargo", "clippy", "-p", "guest", "-p", "hypercalls",
-                                   "--target", TARGET, "-q", "--", "-D", "warnings"]),
+                                   "-p", "lazy-mmu", "--target", TARGET, "-q", "--", "-D",
+                                   "warnings"]),
         ("host tests", ["cargo", "test", "--workspace", "-q"]),
+        # Every lazy-MMU program up to 7 calls against the strict in-order reference; prints
+        # `exhaustive: N programs up to length 7 checked`.
+        ("exhaustive", ["cargo", "run", "--release", "-q", "-p", "lazy-mmu", "--example",
+                        "exhaustive", "--", str(EXHAUSTIVE_LENGTH)]),
     ]
     failed += [title for title, cmd in checks if not step(title, cmd)]
     if not args.quick:
