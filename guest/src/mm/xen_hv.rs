@@ -31,10 +31,6 @@ impl XenHv {
 /// Linux's and the stress test's tiny one are smaller). Checked where the queues are built.
 pub(super) const MAX_ENTRIES: usize = DEFAULT_ENTRIES;
 
-/// A `result` Xen never writes (its results are 0 or a negative errno): an entry still holding
-/// it after a failed multicall did not run.
-const NOT_RUN: u64 = 0x8000_0000_0000_0000;
-
 // Every request below comes from a `LazyMmu<XenHv>`, which only `mm` builds; its callers are
 // `mm::pte`'s unsafe functions (whose callers promise the change is sound), the safe TLB
 // operations, and `Region`, which writes only entries of its own reserved range. So no request
@@ -71,27 +67,26 @@ impl Hypervisor for XenHv {
         let mut calls_buf = [EMPTY_ENTRY; MAX_ENTRIES];
         let mut done = [0u32; MAX_ENTRIES];
         for (i, entry) in batch.entries.iter().enumerate() {
-            let mut e = marshal(entry, &batch, &mut done[i]);
-            e.result = NOT_RUN;
-            calls_buf[i] = e;
+            // Each entry's `result` starts as `multicall::NOT_RUN`, which Xen never writes.
+            calls_buf[i] = marshal(entry, &batch, &mut done[i]);
         }
         // SAFETY: every pointer in `calls_buf` points into `batch.reqs`, `batch.ops` or `done`,
         // all of which outlive the call, with counts inside those slices (`marshal`); what the
         // entries change falls under the contract above.
         let ran = match unsafe { calls::multicall(&mut calls_buf[..n]) } {
             Ok(()) => Ok(()),
-            // Xen runs the entries in order and writes each result: those still NOT_RUN did
+            // Xen runs the entries in order and writes each result: those it did not write did
             // not run.
             Err(error) => Err(MulticallFailure {
                 ran: calls_buf[..n]
                     .iter()
-                    .take_while(|e| e.result != NOT_RUN)
+                    .take_while(|e| multicall::has_run(e))
                     .count(),
                 error,
             }),
         };
         for i in 0..n {
-            if calls_buf[i].result != NOT_RUN {
+            if multicall::has_run(&calls_buf[i]) {
                 outcomes[i] = EntryOutcome {
                     result: multicall::entry_result(&calls_buf[i]),
                     done: done[i],
