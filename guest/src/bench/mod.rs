@@ -177,11 +177,11 @@ fn tlb_rows(options: &Options, region: &Region) -> Result<(), String> {
         let mut cycles = Vec::new();
         let mut last = (0, Counters::default());
         for _ in 0..options.reps {
-            in_section(|| (0..n).try_for_each(|i| region.set_pte(i, map_of(i))))
+            in_section(|| region.set_each(0, n, map_of))
                 .map_err(|e| alloc::format!("tlb n={n}: map: {e}"))?;
             let (c, raw, d) = measure(|| {
                 in_section(|| {
-                    (0..n).try_for_each(|i| region.set_pte(i, Map::None))?;
+                    region.set_each(0, n, |_| Map::None)?;
                     (0..n).try_for_each(|i| region.invlpg(i))
                 })
             })

@@ -83,9 +83,7 @@ impl<'r> Bench<'r> {
                 Ok(())
             }
             Strategy::Lazy => in_section(|| {
-                for i in 0..n {
-                    r.set_pte(i, value(i))?;
-                }
+                r.set_each(0, n, value)?;
                 if clear {
                     pte::flush_tlb_local()?;
                 }

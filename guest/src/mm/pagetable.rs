@@ -59,7 +59,7 @@ fn check_va(va: VirtAddr) -> Result<(), MmError> {
 /// The entry at `level` (1..=4) for `va`, if the tables above it exist.
 pub fn entry_at(va: VirtAddr, level: u8) -> Result<Option<MachAddr>, MmError> {
     check_va(va)?;
-    let mut table = super::pagetable::l4_mfn();
+    let mut table = l4_mfn();
     for l in (level + 1..=4).rev() {
         let e = pte::ptep_get(entry_ptr(table, index(va, l)))?;
         if !e.is_present() {

@@ -77,11 +77,6 @@ pub fn leave() -> Result<(), MmuError> {
     bug_on_misuse(r)
 }
 
-/// Issue what is queued; report every refusal held so far.
-pub fn flush() -> Result<(), MmuError> {
-    this_cpu().flush()
-}
-
 /// Suspend batching (flushing first); [`resume`] picks it up at the same depth.
 pub fn pause() -> Result<(), MmuError> {
     this_cpu().pause()

@@ -147,10 +147,6 @@ impl Region {
         self.pages
     }
 
-    pub fn frame_count(&self) -> u64 {
-        self.frames.len() as u64
-    }
-
     fn va_unchecked(&self, page: u64) -> VirtAddr {
         self.base + page * PAGE_SIZE
     }
@@ -256,6 +252,26 @@ impl Region {
         // nothing references it: the region's addresses are only read by fault probes), and
         // the value maps one of its frames or is one Xen refuses.
         unsafe { pte::set_pte(ptep, val, va) }.map_err(MmError::Mmu)
+    }
+
+    /// [`Region::set_pte`] for pages `first..first + n` (page `p` maps `map(p)`), one call
+    /// each, as a loop of `set_pte` in the caller's section would make them, but taking the
+    /// per-vCPU batch's lock once. Stops at the first error.
+    pub fn set_each(&self, first: u64, n: u64, map: impl Fn(u64) -> Map) -> Result<(), MmError> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.check_page(first.saturating_add(n - 1))?;
+        pte::with_lazy(|l| {
+            for p in first..first + n {
+                // In range (checked above): the entry is `p % 512` of table `p / 512`.
+                let table = self.l1[(p / TABLE_PAGES) as usize];
+                let ptep = MachAddr::new_truncate(table.get() + (p % TABLE_PAGES) * 8);
+                let val = self.value(map(p))?;
+                l.set_pte(ptep, val, self.va_unchecked(p))?;
+            }
+            Ok(())
+        })
     }
 
     /// [`Region::set_pte`] into a batch of mm's own (the benchmark's other buffer sizes).

@@ -1,5 +1,5 @@
 //! What Xen set up: start_info facts consistent with the P2M and M2P, and a filled hypercall
-//! page (read through fault probes: no `unsafe` here).
+//! page (read through fault probes).
 
 use hypercalls::abi::{self, HYPERVISOR_IRET};
 use hypercalls::{PAGE_SIZE, Pfn, calls};
