@@ -91,10 +91,31 @@ pub fn ensure_l1(
     va: VirtAddr,
     alloc: &mut dyn FnMut() -> Result<Frame, MmError>,
 ) -> Result<(MachAddr, Option<Frame>), MmError> {
+    let slot = ensure_l2_entry(va, alloc)?;
+    let e = pte::ptep_get(slot)?;
+    if e.is_present() {
+        if e.flags().contains(PageTableFlags::HUGE_PAGE) {
+            return Err(MmError::HugePage {
+                va: va.as_u64(),
+                level: 2,
+            });
+        }
+        return Ok((entry_ptr(e.mfn(), index(va, 1)), None));
+    }
+    let frame = alloc()?;
+    // SAFETY: the entry was read just above and is not present; the frame is fresh and ours.
+    unsafe { hook_new_table(slot, &frame, TableLevel::L1)? };
+    Ok((entry_ptr(frame.mfn(), index(va, 1)), Some(frame)))
+}
+
+/// The L2 entry for `va`, creating the missing L3 and L2 tables from frames `alloc` hands out.
+pub fn ensure_l2_entry(
+    va: VirtAddr,
+    alloc: &mut dyn FnMut() -> Result<Frame, MmError>,
+) -> Result<MachAddr, MmError> {
     check_va(va)?;
     let mut table = l4_mfn();
-    let mut new_l1 = None;
-    for level in [4u8, 3, 2] {
+    for (level, new) in [(4u8, TableLevel::L3), (3, TableLevel::L2)] {
         let slot = entry_ptr(table, index(va, level));
         let e = pte::ptep_get(slot)?;
         if e.is_present() {
@@ -108,25 +129,33 @@ pub fn ensure_l1(
             continue;
         }
         let frame = alloc()?;
-        let pin = match level {
-            4 => TableLevel::L3,
-            3 => TableLevel::L2,
-            _ => TableLevel::L1,
-        };
-        let mfn = frame.mfn();
-        // SAFETY: the frame is fresh and ours (from `alloc`); nothing references it but its
-        // kernel mapping, which becomes read-only (a page table may only be mapped so).
-        unsafe { pte::update_va_mapping(frame.va(), Pte::new(mfn, KERNEL_RO))? };
-        pte::table_op(TableOp::Pin(pin, mfn))?;
-        // SAFETY: the entry was not present: hooking a zeroed table (all entries empty) maps
-        // nothing new.
-        unsafe { pte::set_table_entry(slot, Pte::new(mfn, TABLE_FLAGS))? };
-        if level == 2 {
-            new_l1 = Some(frame);
-        }
-        table = mfn;
+        // SAFETY: the entry was read just above and is not present; the frame is fresh and
+        // ours; upper tables stay in the tree for good (the frame is given up).
+        unsafe { hook_new_table(slot, &frame, new)? };
+        table = frame.mfn();
     }
-    Ok((entry_ptr(table, index(va, 1)), new_l1))
+    Ok(entry_ptr(table, index(va, 2)))
+}
+
+/// Make the zeroed `frame` a page table of `level` hooked at `slot`: map it read-only in the
+/// kernel, pin it, hook it (in a lazy section these ride in the batch, in that order).
+///
+/// # Safety
+/// `slot` must be an entry that is not present (hooking a zeroed table there maps nothing
+/// new), and `frame` a fresh, zeroed frame of the caller's that nothing else references.
+pub unsafe fn hook_new_table(
+    slot: MachAddr,
+    frame: &Frame,
+    level: TableLevel,
+) -> Result<(), MmError> {
+    let mfn = frame.mfn();
+    // SAFETY: the frame is the caller's and unreferenced; its kernel mapping becomes read-only
+    // (a page table may only be mapped so).
+    unsafe { pte::update_va_mapping(frame.va(), Pte::new(mfn, KERNEL_RO))? };
+    pte::table_op(TableOp::Pin(level, mfn))?;
+    // SAFETY: the entry is not present (the caller's promise) and the table is zeroed.
+    unsafe { pte::set_table_entry(slot, Pte::new(mfn, TABLE_FLAGS))? };
+    Ok(())
 }
 
 /// Take the L1 table `frame` (hooked at the L2 entry for `va`) out of the tree and make it an

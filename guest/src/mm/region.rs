@@ -12,7 +12,7 @@
 use alloc::vec::Vec;
 
 use hypercalls::{MachAddr, Mfn, PAGE_SIZE, Pte};
-use lazy_mmu::{LazyMmu, MmuError, check_set_ptes};
+use lazy_mmu::{LazyMmu, MmuError, TableLevel, check_set_ptes};
 use x86_64::VirtAddr;
 
 use super::frames::Frame;
@@ -123,21 +123,35 @@ impl Region {
     }
 
     /// Reserve `pages` pages and map page `i` to data frame `i % frames` in one lazy section
-    /// that also builds the page tables (each new table: remap read-only, pin, hook), as a
-    /// kernel mapping fresh memory does.
+    /// that also makes the L1 tables, as a kernel populating fresh memory does: per table,
+    /// remap its frame read-only, pin it, hook it, then the table's writes. The walks (and any
+    /// missing upper tables) and the table frames are done before the section.
     pub fn new_mapped_lazily(pages: u64, frames: u64) -> Result<Region, MmError> {
         let mut r = Region::reserve(pages)?;
         r.frames = memory::alloc_run(frames.max(1))?;
-        let section = pte::LazySection::enter()?;
-        for i in 0..pages {
-            let va = r.va_unchecked(i);
-            if i % TABLE_PAGES == 0 {
-                let (ptep, table) = pagetable::ensure_l1(va, &mut memory::alloc_zeroed)?;
-                let table = table.ok_or(MmError::RegionInUse { va: va.as_u64() })?;
-                r.l1.push(ptep);
-                r.tables.push(table);
+        let tables = pages.div_ceil(TABLE_PAGES);
+        let mut slots = Vec::with_capacity(tables as usize);
+        let mut fresh = Vec::with_capacity(tables as usize);
+        for t in 0..tables {
+            let va = r.va_unchecked(t * TABLE_PAGES);
+            let slot = pagetable::ensure_l2_entry(va, &mut memory::alloc_zeroed)?;
+            if pte::ptep_get(slot)?.is_present() {
+                return Err(MmError::RegionInUse { va: va.as_u64() });
             }
-            r.set_pte(i, Map::Frame(i % r.frames.len() as u64))?;
+            slots.push(slot);
+            fresh.push(memory::alloc_zeroed()?);
+        }
+        let section = pte::LazySection::enter()?;
+        for (t, (slot, table)) in slots.into_iter().zip(fresh).enumerate() {
+            // SAFETY: the slot was read above and is not present, and the region's range is
+            // its own; the frame is fresh and zeroed.
+            unsafe { pagetable::hook_new_table(slot, &table, TableLevel::L1)? };
+            r.l1.push(table.mfn().addr());
+            r.tables.push(table);
+            let first = t as u64 * TABLE_PAGES;
+            let n = (pages - first).min(TABLE_PAGES);
+            let k = r.frames.len() as u64;
+            r.set_each(first, n, |i| Map::Frame(i % k))?;
         }
         section.leave()?;
         Ok(r)
