@@ -137,8 +137,10 @@ run_job() {
             if [ "$n" != "$lines" ]; then lines=$n; quiet_since=$NOW; fi
         fi
         if [ -n "$ended" ]; then
-            # Stopped without a result line: give the console a moment to drain first.
-            if [ $((NOW - ended)) -ge 60 ]; then
+            # Stopped without a result line: give the console time to drain first. Output
+            # through the shim and xenconsoled can trail the domain's end by a second or more
+            # on a loaded host, so wait until it has been quiet for a second too.
+            if [ $((NOW - ended)) -ge 150 ] && [ $((NOW - quiet_since)) -ge 100 ]; then
                 echo "[$NAME] (domain stopped without a result line; xl state: $STATE)"
                 verdict=$V_CRASH
                 NOW=$ended
