@@ -346,3 +346,31 @@ fn run_fails_on_a_missing_or_unexpected_refusal() {
         "{err}"
     );
 }
+
+/// Every accepted size and depth gives a meaningful program: it batches at least a third of its writes,
+/// fills the smallest batch (4 entries / 16 requests) and has refusals reported. Deep programs
+/// once spent most of their length inside one early pause.
+#[test]
+fn programs_batch_at_every_depth() {
+    for depth in [1, 2, 8, 16, 32, 64, 200] {
+        for seed in 0..40 {
+            let (mut l, s) = setup::<4, 16>(2, 64);
+            let ops = program::MIN_OPS + (seed as usize * 37) % 2000;
+            let prog = program::generate_with(seed, ops, depth, s.slots(), 64, GenOptions::ALL);
+            let stats = program::run(&mut l, &s, &prog, |_, _| Ok(()))
+                .unwrap_or_else(|e| panic!("depth {depth} seed {seed}: {e}"));
+            let at = format!("depth {depth} seed {seed} ops {ops}");
+            assert!(
+                stats.flushes_for(FlushReason::Full) > 0,
+                "{at}: never filled"
+            );
+            assert!(stats.reported_refusals > 0, "{at}: no refusal");
+            assert!(
+                stats.batched_writes * 3 > stats.writes,
+                "{at}: {} of {} writes batched",
+                stats.batched_writes,
+                stats.writes
+            );
+        }
+    }
+}

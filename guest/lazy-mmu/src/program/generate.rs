@@ -109,9 +109,13 @@ pub fn generate_with(
     };
     while program.len() + open.len() < ops {
         // Opening needs room for its closing op too.
-        let can_open = (open.len() as u32) < max_depth && program.len() + open.len() + 2 <= ops;
-        // A pause suspends batching for everything inside it; closing pauses soon keeps deep
-        // programs batching most of the time.
+        // A pause suspends batching for everything inside it: inside one, open little more (a
+        // section entered while paused does nothing), and close it soon, so that programs of
+        // every depth batch most of the time.
+        let paused = open.contains(&Open::Pause);
+        let can_open = (open.len() as u32) < max_depth
+            && program.len() + open.len() + 2 <= ops
+            && (!paused || rng.chance(1, 8));
         if open.last() == Some(&Open::Pause) && rng.chance(1, 3) {
             open.pop();
             program.push(Op::Resume);
