@@ -100,10 +100,13 @@ fn strategy_rows(options: &Options, region: &Region) -> Result<(), String> {
     for n in SIZES {
         for s in STRATEGIES {
             checked_run(&mut b, s, n).map_err(|e| alloc::format!("{} n={n}: {e}", s.name()))?;
-            let mut cycles = Vec::new();
-            let mut hypercalls = 0;
-            let mut d = Counters::default();
-            for _ in 0..options.reps {
+        }
+        // Repetitions go round the strategies, so that a slow phase of the (shared, emulated)
+        // host falls on all of them alike rather than on whichever ran then.
+        let mut cycles: Vec<Vec<u64>> = STRATEGIES.iter().map(|_| Vec::new()).collect();
+        let mut last = [(0, Counters::default()); STRATEGIES.len()];
+        for _ in 0..options.reps {
+            for (i, s) in STRATEGIES.into_iter().enumerate() {
                 let (raw0, c0) = (issued(), b.counters(s));
                 let t0 = rdtsc();
                 let mapped = b.run(s, n, false);
@@ -112,10 +115,12 @@ fn strategy_rows(options: &Options, region: &Region) -> Result<(), String> {
                 mapped
                     .and(unmapped)
                     .map_err(|e| alloc::format!("{} n={n}: {e}", s.name()))?;
-                cycles.push(t1 - t0);
-                hypercalls = issued() - raw0;
-                d = b.counters(s).since(&c0);
+                cycles[i].push(t1 - t0);
+                last[i] = (issued() - raw0, b.counters(s).since(&c0));
             }
+        }
+        for (i, s) in STRATEGIES.into_iter().enumerate() {
+            let (hypercalls, d) = last[i];
             println!(
                 "BENCH-ROW strategy={} n={n} hypercalls={hypercalls} multicalls={} entries={} requests={} flushes={} cycles={} pte_writes={}",
                 s.name(),
@@ -123,7 +128,7 @@ fn strategy_rows(options: &Options, region: &Region) -> Result<(), String> {
                 d.multicall_entries,
                 d.requests,
                 flushes(&d),
-                median(&mut cycles),
+                median(&mut cycles[i]),
                 2 * n
             );
         }
