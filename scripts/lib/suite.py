@@ -77,9 +77,7 @@ TOOLSTACK_CASES = [
 ]
 
 # ------------------------------------------------------------------------------------------------
-# KERNEL MEMORY CASES (issue 9): the guest must boot with whatever memory Xen gives it. Off by
-# default while the kernel still refuses more than 2 GiB; switch on with --memory-cases or
-# XENPV_TEST_MEMORY=1 (or move them into the lists above once the kernel handles them).
+# The guest must boot with whatever memory Xen gives it, and mind no extra vCPUs.
 MEMORY_DOM0_CASES = [
     Case("dom0 with 1 GiB, no dom0_mem limit", "", V.SUCCESS, r"\[       OK \] move_ptes",
          memory=1024),
@@ -210,10 +208,6 @@ verdict it must reach (including the deliberate crashes).""", epilog_text())
     ap.add_argument("--quick", action="store_true", help="skip the qemu boots")
     ap.add_argument("--unit", action="store_true",
                     help="only the harness's unit tests (a few seconds, no qemu, no cargo)")
-    ap.add_argument("--memory-cases", action="store_true",
-                    default=os.environ.get("XENPV_TEST_MEMORY") == "1",
-                    help="also boot dom0 with 1 and 4 GiB and no dom0_mem limit, dom0 with 2 "
-                         "vCPUs and a 1 GiB domU (also: XENPV_TEST_MEMORY=1)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     failed = [] if unit_tests() else ["harness unit tests"]
     if args.unit:
@@ -237,9 +231,9 @@ verdict it must reach (including the deliberate crashes).""", epilog_text())
     if not args.quick:
         paths = provision.ensure_base()
         guest = build_guest()
-        dom0 = DOM0_CASES + (MEMORY_DOM0_CASES if args.memory_cases else [])
+        dom0 = DOM0_CASES + MEMORY_DOM0_CASES
         failed += boot_cases(paths["xen"], guest, dom0)
-        ts = TOOLSTACK_CASES + (MEMORY_TOOLSTACK_CASES if args.memory_cases else [])
+        ts = TOOLSTACK_CASES + MEMORY_TOOLSTACK_CASES
         failed += toolstack_cases(guest, ts)
         failed += interrupt_case()
     print("\n=== summary:", "all passed" if not failed else "FAILED: " + "; ".join(failed))
