@@ -53,7 +53,7 @@ fn banner(info: &BootInfo) {
     let _ = calls::xen_version_string(XENVER_EXTRAVERSION, &mut extra);
     let extra_len = extra.iter().position(|&b| b == 0).unwrap_or(extra.len());
     let extra = core::str::from_utf8(&extra[..extra_len]).unwrap_or("?");
-    let mib = |pages: u64| pages * 4096 / (1024 * 1024);
+    let mib = |pages: u64| pages * hypercalls::PAGE_SIZE / (1024 * 1024);
     println!(
         "xenpv-lazy-mmu guest {} on Xen {major}.{minor}{extra}",
         env!("CARGO_PKG_VERSION")

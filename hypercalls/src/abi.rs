@@ -14,9 +14,8 @@ pub use xen_sys::{
     __HYPERVISOR_xen_version as HYPERVISOR_XEN_VERSION, CONSOLEIO_write, EVTCHNOP_send,
     MMU_NORMAL_PT_UPDATE, MMUEXT_INVLPG_LOCAL, MMUEXT_PIN_L1_TABLE, MMUEXT_PIN_L2_TABLE,
     MMUEXT_PIN_L3_TABLE, MMUEXT_PIN_L4_TABLE, MMUEXT_TLB_FLUSH_LOCAL, MMUEXT_UNPIN_TABLE,
-    SCHEDOP_shutdown, SCHEDOP_yield, SHUTDOWN_crash, SHUTDOWN_poweroff, SHUTDOWN_reboot,
-    SIF_INITDOMAIN, SIF_PRIVILEGED, mmu_update, mmuext_op, multicall_entry, shared_info,
-    start_info, trap_info, vcpu_info,
+    SCHEDOP_shutdown, SCHEDOP_yield, SHUTDOWN_crash, SHUTDOWN_poweroff, SIF_INITDOMAIN, mmu_update,
+    mmuext_op, multicall_entry, shared_info, start_info, trap_info, vcpu_info,
 };
 
 /// One `mmu_update` request: `ptr` is the machine address of the entry (low 2 bits: command),
@@ -31,10 +30,8 @@ pub type DomId = u16;
 pub const DOMID_SELF: DomId = 0x7FF0;
 
 /// `update_va_mapping` flags (xen.h). Missing from xen-sys.
-pub const UVMF_NONE: u64 = 0;
 pub const UVMF_TLB_FLUSH: u64 = 1;
 pub const UVMF_INVLPG: u64 = 2;
-pub const UVMF_LOCAL: u64 = 0;
 
 /// Count bit Xen sets on a preempted `mmu_update` continuation: a guest must never pass it.
 pub const MMU_UPDATE_PREEMPTED: u32 = 1 << 31;
@@ -70,9 +67,6 @@ pub const HYPERVISOR_VIRT_END: u64 = xen_sys::__HYPERVISOR_VIRT_END as u64;
 
 /// Code selector of a 64-bit PV kernel (ring 3).
 pub const FLAT_KERNEL_CS: u16 = 0xe033;
-
-/// `iret` hypercall flag: the frame came from a `syscall` (we always pass 0).
-pub const VGCF_IN_SYSCALL: u64 = 1 << 8;
 
 /// The PV console ring shared with the console backend (io/console.h).
 #[repr(C)]

@@ -28,8 +28,10 @@ pub fn init() -> Result<(), MmError> {
         };
         // SAFETY: the range was just mapped read-write for the heap alone, and this runs once.
         unsafe {
-            HEAP.lock()
-                .init(HEAP_VA as *mut u8, (HEAP_PAGES * 4096) as usize)
+            HEAP.lock().init(
+                HEAP_VA as *mut u8,
+                (HEAP_PAGES * hypercalls::PAGE_SIZE) as usize,
+            )
         };
         Ok(())
     })
