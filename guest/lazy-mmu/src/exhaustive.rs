@@ -35,7 +35,7 @@ use x86_64::VirtAddr;
 
 use crate::context::TaskLazy;
 use crate::hypervisor::Hypervisor;
-use crate::model::{ACCESSED, Model, PRESENT, RW, Space, USER, mfn};
+use crate::model::{ACCESSED, Model, PRESENT, RW, Space, USER, mfn, table_index};
 use crate::program::Layout;
 use crate::report::MmuError;
 use crate::request::{Request, TableLevel, TableOp};
@@ -136,7 +136,7 @@ impl World {
             "the model hands out consecutive frames"
         );
         // The L2 entry after the one holding the space's L1 table.
-        let l2_index = ((Space::BASE_VA >> 21) & 511) + 1;
+        let l2_index = table_index(Space::BASE_VA, 2) as u64 + 1;
         let hook_ptr = MachAddr::new_truncate((space.l2 << 12) + l2_index * 8);
         model.reset_stats();
         World {

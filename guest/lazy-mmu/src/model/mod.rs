@@ -63,7 +63,13 @@ const XEN_L4_SLOTS: core::ops::Range<usize> =
     l4_index(HYPERVISOR_VIRT_START)..l4_index(HYPERVISOR_VIRT_END);
 
 const fn l4_index(va: u64) -> usize {
-    ((va >> 39) & 511) as usize
+    table_index(va, 4)
+}
+
+/// Index of the entry for `va` in its table at `level` (1..=4): x86_64's `p1_index()` ..
+/// `p4_index()` on a raw address (the model takes what the guest hands Xen, canonical or not).
+pub const fn table_index(va: u64, level: u8) -> usize {
+    ((va >> (12 + 9 * (level as u32 - 1))) & 511) as usize
 }
 
 /// The type of a frame (Xen's `PGT_*` type in `type_info`).
@@ -323,18 +329,10 @@ impl Model {
         let (l4, l3, l2) = (self.alloc(), self.alloc(), self.alloc());
         let base = Space::BASE_VA;
         self.poke(l4, l4_index(base), l3 << PAGE_SHIFT | table_flags);
-        self.poke(
-            l3,
-            ((base >> 30) & 511) as usize,
-            l2 << PAGE_SHIFT | table_flags,
-        );
+        self.poke(l3, table_index(base, 3), l2 << PAGE_SHIFT | table_flags);
         let l1s: Vec<u64> = (0..l1_tables).map(|_| self.alloc()).collect();
         for (i, l1) in l1s.iter().enumerate() {
-            self.poke(
-                l2,
-                ((base >> 21) & 511) as usize + i,
-                l1 << PAGE_SHIFT | table_flags,
-            );
+            self.poke(l2, table_index(base, 2) + i, l1 << PAGE_SHIFT | table_flags);
         }
         let data = (0..data_frames).map(|_| self.alloc()).collect();
         self.mmuext_op(&[mmuext_mfn(MMUEXT_PIN_L4_TABLE, mfn(l4))])
@@ -630,7 +628,7 @@ impl Model {
         }
         let mut table = self.root.ok_or(XenError::Inval)?;
         for level in [4u8, 3, 2] {
-            let e = self.frames[&table].mem[((va >> (12 + 9 * (level as u64 - 1))) & 511) as usize];
+            let e = self.frames[&table].mem[table_index(va, level)];
             if e & PRESENT == 0 || e & PSE != 0 {
                 // map_guest_l1e finds no L1 table.
                 return Err(XenError::Inval);
@@ -640,7 +638,7 @@ impl Model {
         if !self.frame_info(table).is_some_and(|f| f.is_table(1)) {
             return Err(XenError::Inval);
         }
-        self.mod_entry(table, 1, ((va >> 12) & 511) as usize, val)?;
+        self.mod_entry(table, 1, table_index(va, 1), val)?;
         // UVMF_FLUSHTYPE_MASK: 1 = flush the TLB, 2 = invalidate the one page.
         match flags & 3 {
             1 => self.tlb_flushes += 1,
