@@ -17,51 +17,19 @@
 //! entries a section is changing: a handler must only write entries of its own.
 //!
 //! Two historical models are kept, so that what they break can be shown:
-//! * [`SwitchRule::WasLazyFlag`] (2023-2025): the nesting counter is per CPU and a switch saves
+//! * [`crate::SwitchRule::WasLazyFlag`] (2023-2025): the nesting counter is per CPU and a switch saves
 //!   only a "was lazy" flag (`TIF_LAZY_MMU_UPDATES`). Switching out leaves lazy mode once; at a
 //!   depth of 2 or more the CPU is still in lazy MMU mode when the switch enters its own lazy CPU
 //!   mode, and `enter_lazy()` hits `BUG_ON(old_mode != XEN_LAZY_NONE)`.
-//! * [`IrqRule::BatchIntoInterrupted`]: before lazy mode was off in interrupt context, a
+//! * [`crate::IrqRule::BatchIntoInterrupted`]: before lazy mode was off in interrupt context, a
 //!   handler's writes joined the interrupted code's batch: a handler that maps a page and uses
 //!   it at once touches a mapping that does not exist yet.
 
 use crate::counters::FlushReason;
 use crate::hypervisor::Hypervisor;
 use crate::report::{Collected, MmuError};
+use crate::rules::{Rules, SwitchRule};
 use crate::state::{LazyMmu, LazyState};
-
-/// What a switch does with lazy state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SwitchRule {
-    /// Linux since Dec 2025: the whole state (enable and pause counts) is the task's.
-    PerTask,
-    /// Linux 2023-2025 on Xen PV: a per-CPU nesting counter and a per-task "was lazy" flag.
-    WasLazyFlag,
-}
-
-/// What an interrupt handler's page-table writes do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IrqRule {
-    /// Linux: lazy mode is off in interrupt context; writes go out at once.
-    Immediate,
-    /// The old bug: the handler's writes join the interrupted code's batch.
-    BatchIntoInterrupted,
-}
-
-/// The rules a [`LazyMmu`] follows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Rules {
-    pub switch: SwitchRule,
-    pub irq: IrqRule,
-}
-
-impl Rules {
-    /// Today's Linux.
-    pub const LINUX: Rules = Rules {
-        switch: SwitchRule::PerTask,
-        irq: IrqRule::Immediate,
-    };
-}
 
 /// A task's lazy-MMU state while it is switched out.
 #[derive(Clone, Copy, Debug)]
@@ -69,7 +37,7 @@ pub struct TaskLazy {
     state: LazyState,
     /// Refusals of its batches not yet reported to it.
     pending: Collected,
-    /// [`SwitchRule::WasLazyFlag`]: it was batching when switched out.
+    /// [`crate::SwitchRule::WasLazyFlag`]: it was batching when switched out.
     was_lazy: bool,
 }
 

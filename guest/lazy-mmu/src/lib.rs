@@ -26,14 +26,16 @@ pub mod program;
 pub mod queue;
 pub mod report;
 pub mod request;
+pub mod rules;
 
 mod flush;
 mod state;
 
-pub use context::{IrqRule, Rules, SwitchRule, TaskLazy};
+pub use context::TaskLazy;
 pub use counters::{Counters, FlushReason};
 pub use hypervisor::{Batch, EntryOutcome, Hypervisor, MulticallFailure, ReadError};
 pub use queue::{DEFAULT_ENTRIES, DEFAULT_REQUESTS, LINUX_ENTRIES, LINUX_REQUESTS, Queue};
 pub use report::{MAX_REPORTED, MmuError, Refusal, Refusals, SetPtesRule};
 pub use request::{Entry, Request, TableLevel, TableOp};
+pub use rules::{IrqRule, Rules, SwitchRule};
 pub use state::{LazyMmu, LazyState, NESTING_LIMIT, check_set_ptes};

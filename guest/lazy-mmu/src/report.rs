@@ -207,6 +207,11 @@ pub enum MmuError {
     SetPtes(SetPtesRule),
     /// A page-table entry in a frame that is not this domain's.
     NotOwned { ptr: MachAddr },
+    /// A page-table entry's machine address that is not 8-byte aligned; nothing was queued.
+    UnalignedPtr { ptr: MachAddr },
+    /// A lazy section left while a pause taken inside it is still in force (the leave would be
+    /// ignored, as Linux ignores it, and the section would stay open).
+    LeaveWhilePaused { pause: u32 },
     /// A context switch inside an interrupt handler.
     SwitchInInterrupt,
     /// `irq_exit()` without `irq_enter()`.
@@ -240,6 +245,14 @@ impl fmt::Display for MmuError {
                 crate::NESTING_LIMIT
             ),
             MmuError::SetPtes(rule) => write!(f, "{rule}"),
+            MmuError::UnalignedPtr { ptr } => write!(
+                f,
+                "page-table entry address {ptr} is not 8-byte aligned (its low bits would be another mmu_update command)"
+            ),
+            MmuError::LeaveWhilePaused { pause } => write!(
+                f,
+                "lazy section left while paused {pause} time(s) inside it: resume() first"
+            ),
             MmuError::SwitchInInterrupt => {
                 write!(f, "BUG: context switch inside an interrupt handler")
             }

@@ -20,12 +20,12 @@ use hypercalls::addr::{ENTRIES_PER_TABLE, ENTRY_SIZE};
 use hypercalls::{MachAddr, PAGE_SIZE, Pte};
 use x86_64::VirtAddr;
 
-use crate::context::{IrqRule, Rules};
 use crate::counters::{Counters, FlushReason};
 use crate::hypervisor::Hypervisor;
 use crate::queue::{DEFAULT_ENTRIES, DEFAULT_REQUESTS, Queue};
 use crate::report::{Collected, MmuError, Refusal, SetPtesRule};
 use crate::request::{Request, TableOp};
+use crate::rules::{IrqRule, Rules};
 
 /// Deepest nesting of sections, and of pauses (Linux keeps both counts in a `u8` and warns
 /// when one would wrap).
@@ -274,6 +274,11 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
     }
 
     fn write(&mut self, ptr: MachAddr, val: Pte, va: Option<VirtAddr>) -> Result<(), MmuError> {
+        // The low bits of an `mmu_update` pointer are its command: an unaligned entry address
+        // would become another command (e.g. an M2P update), never a page-table write.
+        if !ptr.is_entry_aligned() {
+            return Err(MmuError::UnalignedPtr { ptr });
+        }
         if !self.is_active() {
             let req = hypercalls::abi::pt_update(ptr, val);
             let request = match va {
@@ -333,6 +338,9 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
     /// Read the entry at `ptr`, flushing first if a queued write could change it (refusals of
     /// that flush are reported where the batching ends).
     pub fn read_pte(&mut self, ptr: MachAddr) -> Result<Pte, MmuError> {
+        if !ptr.is_entry_aligned() {
+            return Err(MmuError::UnalignedPtr { ptr });
+        }
         if self.queue.may_write(ptr) {
             self.flush_deferred(FlushReason::ReadHazard);
         }

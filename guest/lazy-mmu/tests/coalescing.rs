@@ -4,14 +4,14 @@
 mod common;
 
 use common::*;
-use hypercalls::Pte;
 use hypercalls::abi::{
     MMUEXT_INVLPG_LOCAL, MMUEXT_PIN_L1_TABLE, MMUEXT_TLB_FLUSH_LOCAL, MMUEXT_UNPIN_TABLE,
     UVMF_INVLPG,
 };
+use hypercalls::{MachAddr, Pte};
 use lazy_mmu::model::{Call, mfn};
 use lazy_mmu::program::Layout;
-use lazy_mmu::{FlushReason, TableLevel, TableOp};
+use lazy_mmu::{FlushReason, MmuError, TableLevel, TableOp};
 use x86_64::VirtAddr;
 
 fn invlpg(va: VirtAddr) -> TableOp {
@@ -336,4 +336,34 @@ fn no_hypercall_happens_between_enter_and_leave() {
     l.leave().unwrap();
     assert_eq!(calls(&l), before + 1);
     assert_eq!(l.hypervisor().log[before].requests().len(), 40);
+}
+
+/// The low bits of an `mmu_update` pointer are its command: an unaligned entry address is
+/// refused before anything is queued or issued, never sent as another command.
+#[test]
+fn an_unaligned_entry_address_is_refused_not_sent_as_another_command() {
+    let (mut l, s) = std_setup();
+    let good = s.pte_ptr(3);
+    let va = s.va(3);
+    for off in 1..8 {
+        let bad = MachAddr::new(good.get() + off).unwrap();
+        let before = calls(&l);
+        assert_eq!(
+            l.set_pte(bad, s.pte_value(0), va),
+            Err(MmuError::UnalignedPtr { ptr: bad })
+        );
+        assert_eq!(
+            l.set_table_entry(bad, Pte::NONE),
+            Err(MmuError::UnalignedPtr { ptr: bad })
+        );
+        assert_eq!(l.read_pte(bad), Err(MmuError::UnalignedPtr { ptr: bad }));
+        l.enter().unwrap();
+        assert_eq!(
+            l.set_pte(bad, s.pte_value(0), va),
+            Err(MmuError::UnalignedPtr { ptr: bad })
+        );
+        assert_eq!(l.queued_requests(), 0);
+        l.leave().unwrap();
+        assert_eq!(calls(&l), before, "offset {off}: a hypercall was made");
+    }
 }

@@ -20,6 +20,8 @@ pub use run::{Observer, RunStats, Shadow, compare, run, run_with};
 use hypercalls::{MachAddr, Pte};
 use x86_64::VirtAddr;
 
+use crate::model::{ENTRIES, PAGE_SHIFT, Space};
+
 /// Where the slots of a stress program live.
 ///
 /// Slot `s` is entry `s % 512` of the `s / 512`-th L1 table, so `va(s)` must be page aligned and
@@ -36,4 +38,27 @@ pub trait Layout {
     /// An entry Xen refuses in every slot for the whole program, e.g. a writable mapping of one
     /// of the page-table frames (`get_page_from_l1e`: -EBUSY). Used by [`Op::Bad`].
     fn bad_value(&self) -> Pte;
+}
+
+/// The model's address space as a program's slots: slot `s` is entry `s % 512` of L1 table
+/// `s / 512`.
+impl Layout for Space {
+    fn pte_ptr(&self, slot: usize) -> MachAddr {
+        MachAddr::new_truncate(
+            self.l1s[slot / ENTRIES] << PAGE_SHIFT | ((slot % ENTRIES) as u64 * 8),
+        )
+    }
+
+    fn va(&self, slot: usize) -> VirtAddr {
+        VirtAddr::new_truncate(Space::BASE_VA + slot as u64 * 4096)
+    }
+
+    fn pte_value(&self, frame: usize) -> Pte {
+        Pte::from_raw(Space::pte(self.data[frame], Space::DATA_FLAGS))
+    }
+
+    /// A writable mapping of the first L1 table, which stays in use as one (-EBUSY).
+    fn bad_value(&self) -> Pte {
+        Pte::from_raw(Space::pte(self.l1s[0], Space::DATA_FLAGS))
+    }
 }
