@@ -354,6 +354,8 @@ class JobMonitor:
         self.started = None
         self.ready_after = None
         self.phases = []         # (label, seconds of dom0 uptime) from @@t markers
+        self.times = {}          # host clock: "ready", "payload", "start/NAME", "first/NAME",
+        #                          "result/NAME" (first occurrence each)
         self.early = None        # the last job, judged on its result line (see feed)
 
     def _print(self, text):
@@ -369,7 +371,10 @@ class JobMonitor:
             name, text = m.group(1), m.group(2)
             self.lines_of[name].append(text)
             self._print(line)
+            self.times.setdefault(f"first/{name}", self.clock())
             v = parse_result_line(text)
+            if v is not None:
+                self.times.setdefault(f"result/{name}", self.clock())
             if (v is not None and name == self.names[-1] and name == self.current
                     and name not in self.results):
                 # The last job's result line decides it (dom0 would report the same verdict
@@ -396,6 +401,10 @@ class JobMonitor:
         return None
 
     def _marker(self, kind, rest):
+        if kind in ("ready", "payload", "done"):
+            self.times.setdefault(kind, self.clock())
+        elif kind in ("start", "job"):
+            self.times.setdefault(f"{kind}/{rest.split(' ')[0]}", self.clock())
         if kind == "ready":
             self.ready_after = self.clock() - self.qemu_start
             self._print(f"[dom0] toolstack ready after {self.ready_after:.1f} s")
@@ -485,6 +494,8 @@ def run_jobs(jobs, silence=DEFAULT_SILENCE, timeout=120.0, echo=True, verbose=No
             raise HarnessError(f"job {j.name}: guest options longer than {LIMITS['domu']} bytes")
     if len(set(names)) != len(names):
         raise HarnessError("job names must be unique")
+    LAST_RUN.clear()
+    LAST_RUN["begin"] = time.monotonic()
     paths = prepare()
     extra = job_archive(jobs, silence, timeout)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -503,16 +514,56 @@ def run_jobs(jobs, silence=DEFAULT_SILENCE, timeout=120.0, echo=True, verbose=No
             shutil.copyfileobj(base, out)
             out.write(extra)
         try:
+            LAST_RUN["qemu"] = time.monotonic()
             out = run_qemu(qemu_args(paths, initrd, jobs), timeout=total, silence=quiet,
                            echo=False, judge=mon.feed, grace=0.0)
         finally:
             initrd.unlink(missing_ok=True)
     else:
         mon, out, how = Snapshots(paths, echo).run(names, extra, total, quiet, echo, verbose)
+    LAST_RUN.update(end=time.monotonic(), how=how, monitor=mon)
     results = mon.finish(out)
     if echo and out.verdict == Verdict.SUCCESS:
         log(f"qemu ({how}): {out.seconds:.1f} s for {len(jobs)} job(s)")
     return results
+
+
+# How the last run_jobs() went: "how" dom0 came up, host clock times "begin", "qemu" (started),
+# "running" (a restored machine was continued), "end", and the JobMonitor ("monitor").
+LAST_RUN = {}
+
+
+def timing_breakdown(run=None):
+    """[(phase, seconds)] of the last run_jobs(), from its host-side times."""
+    run = run or LAST_RUN
+    mon = run.get("monitor")
+    if not mon or "qemu" not in run:
+        return []
+    t = mon.times
+    out = [("harness before qemu", run["qemu"] - run["begin"])]
+    if "running" in run:
+        out.append(("qemu start -> restored machine running", run["running"] - run["qemu"]))
+        mark = run["running"]
+    else:
+        mark = t.get("ready", run["qemu"])
+        out.append(("qemu start -> dom0 toolstack ready (boot)", mark - run["qemu"]))
+    if "payload" in t:
+        dom0 = dict(mon.phases)
+        inside = ""
+        if {"header", "read"} <= dom0.keys():
+            inside = f" (dom0 read and checked the body in {dom0['read'] - dom0['header']:.2f} s)"
+        out.append((f"jobs handed in (payload disk){inside}", t["payload"] - mark))
+    for name in mon.names:
+        start = t.get(f"start/{name}")
+        if start is None:
+            break
+        first = t.get(f"first/{name}", start)
+        out.append((f"{name}: xl create -> first console line", first - start))
+        if f"result/{name}" in t:
+            out.append((f"{name}: first line -> result line", t[f"result/{name}"] - first))
+    last = max(t.values(), default=run["end"])
+    out.append(("after the last result (teardown, grace)", run["end"] - last))
+    return out
 
 
 def machine_shape(jobs):
@@ -640,6 +691,7 @@ class Snapshots:
             qmp.close()
 
         mon.on_waiting = on_waiting
+        LAST_RUN["qemu"] = time.monotonic()
         return run_qemu(args, timeout=total, silence=quiet, echo=False, judge=mon.feed,
                         grace=0.0)
 
@@ -655,6 +707,7 @@ class Snapshots:
                                    stderr=subprocess.PIPE, start_new_session=True)
         fd = dec.stdout.fileno()
         args += ["-incoming", f"fd:{fd}"]
+        LAST_RUN["qemu"] = time.monotonic()
 
         def on_start(proc):
             t0 = time.monotonic()
@@ -674,6 +727,7 @@ class Snapshots:
                                      f"{dec.stderr.read().decode(errors='replace').strip()}")
             qmp.cmd("cont")
             qmp.close()
+            LAST_RUN["running"] = time.monotonic()
             if mon.echo:
                 log(f"restored the dom0 snapshot in {time.monotonic() - t0:.2f} s")
 

@@ -209,9 +209,11 @@ run_job() {
 
 # Poll the payload disk until it holds a payload whose body matches its header (O_DIRECT reads:
 # the host rewrites the disk behind dom0's back). The host pads the body to whole 4 KiB blocks.
+# TMPDIR and PAYLOAD_ROOT (where the cpio is unpacked) are only set by the harness's unit test.
 wait_payload() {
+    tmp=${TMPDIR:-/tmp}
     i=0
-    while [ ! -b $PAYLOAD ]; do
+    while [ ! -e "$PAYLOAD" ]; do
         [ $i -ge 100 ] && fatal "no payload disk $PAYLOAD"
         sleep 0.1
         i=$((i + 1))
@@ -220,13 +222,13 @@ wait_payload() {
     echo "@@waiting"
     bad=0
     while :; do
-        dd if=$PAYLOAD of=/tmp/header bs=4096 count=1 iflag=direct 2> /dev/null
-        read -r magic nonce len sum rest < /tmp/header
+        dd if="$PAYLOAD" of="$tmp/header" bs=4096 count=1 iflag=direct 2> /dev/null
+        read -r magic nonce len sum rest < "$tmp/header"
         if [ "$magic" = XENPVPAYLOAD1 ] && [ -n "$sum" ] && [ -z "$rest" ]; then
             mark header
-            dd if=$PAYLOAD of=/tmp/payload bs=1M skip=4096 count="$len" \
+            dd if="$PAYLOAD" of="$tmp/payload" bs=1M skip=4096 count="$len" \
                 iflag=direct,skip_bytes,count_bytes 2> /dev/null
-            set -- $(sha256sum /tmp/payload)
+            set -- $(sha256sum "$tmp/payload")
             [ "$1" = "$sum" ] && break
             bad=$((bad + 1))
             [ $bad -ge 20 ] && fatal "payload body does not match its header"
@@ -234,8 +236,9 @@ wait_payload() {
         sleep 0.05
     done
     mark read
-    (cd / && cpio -i -d -u < /tmp/payload 2> /tmp/cpio.log) || { cat /tmp/cpio.log; fatal "payload cpio"; }
-    rm -f /tmp/payload /tmp/header
+    (cd "${PAYLOAD_ROOT:-/}" && cpio -i -d -u < "$tmp/payload" 2> "$tmp/cpio.log") \
+        || { cat "$tmp/cpio.log"; fatal "payload cpio"; }
+    rm -f "$tmp/payload" "$tmp/header"
     echo "@@payload $nonce"
 }
 
