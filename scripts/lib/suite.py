@@ -152,7 +152,7 @@ def toolstack_cases(guest, cases):
                           memory_mb=c.memory or 0, vcpus=c.smp, silence=c.silence)
             for name, kind, c in cases]
     results = {}
-    fits = [j for j in jobs if toolstack.machine_shape([j]) == toolstack.SNAPSHOT_SHAPE]
+    fits = [j for j in jobs if toolstack.snapshot_fits([j])]
     for group in (fits, [j for j in jobs if j not in fits]):
         if not group:
             continue

@@ -334,8 +334,8 @@ JOBLINE_RE = re.compile(r"^\[([A-Za-z0-9_.+-]+)\] ?(.*)$")
 class JobMonitor:
     """Turns the toolstack dom0's serial lines into job results: `@@` markers from init.sh
     (never shown to the user), `[job] …` console lines, and Xen's reports about the running job.
-    `feed(line)` returns Verdict.SUCCESS when dom0 finished every job, Verdict.CRASH when it died,
-    None otherwise."""
+    `feed(line)` returns Verdict.SUCCESS when dom0 finished every job, (Verdict.SUCCESS, grace)
+    on the last job's result line, Verdict.CRASH when dom0 died, None otherwise."""
 
     def __init__(self, names, echo=True, verbose=False, out=None, clock=time.monotonic,
                  on_waiting=None, nonce=None):
@@ -502,9 +502,9 @@ def run_jobs(jobs, silence=DEFAULT_SILENCE, timeout=120.0, echo=True, verbose=No
     total = BOOT_ALLOWANCE + sum((j.timeout or timeout) + 20 for j in jobs)
     quiet = max(j.silence or silence for j in jobs) + XL_CREATE_ALLOWANCE
 
-    if not cold and machine_shape(jobs) != SNAPSHOT_SHAPE:
+    if not cold and not snapshot_fits(jobs):
         log(f"these guests need a larger machine than the dom0 snapshot's "
-            f"({SNAPSHOT_GUEST_MEM_MB} MiB, {SNAPSHOT_SHAPE[1]} vCPUs per guest): booting cold")
+            f"({SNAPSHOT_GUEST_MEM_MB} MiB, {SNAPSHOT_MAX_VCPUS} vCPUs per guest): booting cold")
         cold = True
     how = "cold boot"
     if cold:
@@ -572,8 +572,16 @@ def machine_shape(jobs):
     return memory, max(2, *(j.vcpus for j in jobs))
 
 
-SNAPSHOT_SHAPE = (QEMU_MEM_MB, 2)
+# The snapshot's machine: QEMU_MEM_MB and SNAPSHOT_CPUS processors.
+SNAPSHOT_CPUS = int(os.environ.get("XENPV_SNAPSHOT_CPUS", "1"))
 SNAPSHOT_GUEST_MEM_MB = QEMU_MEM_MB - DOM0_MEM_MB - MACHINE_OVERHEAD_MB
+SNAPSHOT_MAX_VCPUS = 2
+
+
+def snapshot_fits(jobs):
+    """Can `jobs` run in the snapshot's machine?"""
+    return (all(j.memory <= SNAPSHOT_GUEST_MEM_MB for j in jobs)
+            and all(j.vcpus <= SNAPSHOT_MAX_VCPUS for j in jobs))
 
 
 class SnapshotBroken(Exception):
@@ -599,13 +607,15 @@ class Snapshots:
     def machine_args(self, disk):
         p = self.paths
         xen_args = machine.xen_cmdline(DOM0_MEM_MB, 1, ["bootscrub=0"])
-        return machine.qemu_xen(p["xen"], [(p["vmlinux"], DOM0_CMDLINE), (p["initramfs"], "")],
-                                xen_args, *SNAPSHOT_SHAPE) + snapshot.payload_drive_args(disk)
+        modules = [(p["vmlinux"], DOM0_CMDLINE), (p["initramfs"], "")]
+        return (machine.qemu_xen(p["xen"], modules, xen_args, QEMU_MEM_MB, SNAPSHOT_CPUS)
+                + snapshot.payload_drive_args(disk))
 
     def run(self, names, body, total, quiet, echo, verbose):
         """(JobMonitor, qemu's Result, how dom0 came up) for one run of the jobs in `body`."""
         nonce = os.urandom(8).hex()
         tmpdir = Path(tempfile.mkdtemp(prefix="xenpv-"))
+        _remove_orphaned_payload_disks()
         disk = WORK / f"payload-{os.getpid()}.img"
         try:
             for attempt in range(2):
@@ -626,14 +636,34 @@ class Snapshots:
                 except SnapshotBroken as e:
                     log(f"{self.state.name} could not be restored ({e}): taking it again")
                     snapshot.remove_state(self.state)
+                    self.broken = True
             raise HarnessError("the dom0 snapshot could not be restored even after taking it "
                                "again; scripts/run --cold boots without it")
         finally:
             disk.unlink(missing_ok=True)
             shutil.rmtree(tmpdir, ignore_errors=True)
 
+    def _why_not_restored(self, dec, proc):
+        """The decompressor's complaint (a damaged file) or qemu's (a state it cannot load)."""
+        try:
+            dec.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        if dec.returncode is not None and dec.returncode > 0:
+            err = dec.stderr.read().decode(errors="replace").strip()
+            return f"{' '.join(self.decompress)}: {err or f'exit {dec.returncode}'}"
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            if dec.returncode:  # killed by a signal, e.g. SIGPIPE
+                return f"{' '.join(self.decompress)} ended by signal {-dec.returncode}"
+            return None
+        return f"qemu exited: {_qemu_said(proc) or f'status {proc.returncode}'}"
+
     def _say_why_missing(self):
         others = [p for p in WORK.glob("state-*") if not p.name.endswith(".ok")]
+        if getattr(self, "broken", False):
+            return
         if self.state.exists():
             log(f"{self.state.name} is damaged or incomplete (its stamp does not match): "
                 "taking the dom0 snapshot again")
@@ -717,14 +747,10 @@ class Snapshots:
                 qmp = Qmp(sock, alive=alive)
                 qmp.wait_status(("paused", "running"), timeout=60, alive=alive)
             except QmpError as e:
-                raise SnapshotBroken(_qemu_said(proc) or str(e)) from None
-            try:
-                dec.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            if dec.returncode != 0:
-                raise SnapshotBroken(f"{self.comp}: "
-                                     f"{dec.stderr.read().decode(errors='replace').strip()}")
+                raise SnapshotBroken(self._why_not_restored(dec, proc) or str(e)) from None
+            why = self._why_not_restored(dec, proc)
+            if why:
+                raise SnapshotBroken(why)
             qmp.cmd("cont")
             qmp.close()
             LAST_RUN["running"] = time.monotonic()
@@ -741,12 +767,21 @@ class Snapshots:
             dec.stderr.close()
 
 
+def _remove_orphaned_payload_disks():
+    """Payload disks of runs that were killed before they could remove them."""
+    for f in WORK.glob("payload-*.img"):
+        pid = f.stem.removeprefix("payload-")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            f.unlink(missing_ok=True)
+
+
 def _qemu_said(proc):
     """What a dead qemu printed (its error), if anything."""
     if proc.poll() is None:
         return ""
     try:
-        return os.read(proc.stdout.fileno(), 65536).decode(errors="replace").strip()[-500:]
+        out = os.read(proc.stdout.fileno(), 65536).decode(errors="replace").strip()
+        return "; ".join(out.splitlines()[-2:])[-400:]
     except OSError:
         return ""
 

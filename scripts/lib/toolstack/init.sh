@@ -158,8 +158,11 @@ run_job() {
             if [ "$n" != "$lines" ]; then lines=$n; quiet_since=$NOW; fi
         fi
         if [ -n "$ended" ]; then
-            # Stopped without a result line: give the console a moment to drain first.
-            if [ $((NOW - ended)) -ge 60 ]; then
+            # Stopped without a result line (yet): its last lines may still be on their way
+            # (xenconsoled, the FIFO, awk). Judge once its console has been quiet for a second
+            # since it stopped, or after 10 s at most.
+            if { [ $((NOW - ended)) -ge 100 ] && [ $((NOW - quiet_since)) -ge 100 ]; } \
+                    || [ $((NOW - ended)) -ge 1000 ]; then
                 echo "[$NAME] (domain stopped without a result line; xl state: $STATE)"
                 verdict=$V_CRASH
                 NOW=$ended
