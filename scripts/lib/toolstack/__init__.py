@@ -748,9 +748,13 @@ class Snapshots:
                 qmp.wait_status(("paused", "running"), timeout=60, alive=alive)
             except QmpError as e:
                 raise SnapshotBroken(self._why_not_restored(dec, proc) or str(e)) from None
-            why = self._why_not_restored(dec, proc)
-            if why:
-                raise SnapshotBroken(why)
+            try:
+                dec.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            if dec.returncode != 0:
+                raise SnapshotBroken(self._why_not_restored(dec, proc)
+                                     or f"{self.comp} did not finish")
             qmp.cmd("cont")
             qmp.close()
             LAST_RUN["running"] = time.monotonic()
