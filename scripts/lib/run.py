@@ -34,7 +34,7 @@ verdicts: SUCCESS FAILURE ERROR SKIP (the guest's result line); CRASH (it died w
 def arg_parser():
     ap = parser("scripts/run", DESCRIPTION, epilog_text())
     ap.usage = ("scripts/run [--mode dom0|domu|shim|kvm-xen|all] [--timeout S] [--silence S] "
-                "[--memory MIB] [--smp N] [--quiet] [-- GUEST OPTIONS...]")
+                "[--memory MIB] [--smp N] [--quiet] [--cold] [-- GUEST OPTIONS...]")
     ap.add_argument("--mode", choices=MODES, default="dom0")
     add_boot_options(ap)
     ap.add_argument("--quiet", action="store_true",
