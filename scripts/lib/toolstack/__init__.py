@@ -46,7 +46,7 @@ INIT_SCRIPT = HERE / "init.sh"
 WORK = provision.CACHE / "toolstack"
 
 # Bump when the layout of the base initramfs changes in a way its inputs do not show.
-BASE_FORMAT = 3
+BASE_FORMAT = 4
 
 KERNEL_META = "linux-image-amd64"
 # What `xl`, xenstored, xenconsoled and xen-init-dom0 link against (found by following DT_NEEDED
@@ -194,9 +194,10 @@ def _build_base(dest, kernel_root, busybox_root, utils_root, lib_roots, shim):
     c.file("etc/xen/xl.conf", b'autoballoon="off"\n')
     raw = c.finish()
     with open(dest, "wb") as f:
-        # mtime=0: same inputs, same bytes. Level 6 is a fair size/time trade; the kernel's
-        # gunzip speed hardly depends on it.
-        with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0) as gz:
+        # mtime=0 and no file name in the header (it would be the temporary name, with a pid):
+        # same inputs, same bytes, so a rebuilt initramfs keeps the dom0 snapshot's key. Level 6
+        # is a fair size/time trade; the kernel's gunzip speed hardly depends on it.
+        with gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=6, mtime=0) as gz:
             gz.write(raw)
         # The job archive appended at run time must start 4-byte aligned.
         f.write(b"\0" * (-f.tell() % 4))
