@@ -327,7 +327,7 @@ FATAL_RES = [
     re.compile(r"Kernel panic - not syncing"),
 ]
 # After the last job's result line: time for its last console lines before qemu is ended.
-LAST_RESULT_GRACE = 0.3
+LAST_RESULT_GRACE = 0.15
 MARK_RE = re.compile(r"^@@(\w+)(?: (.*))?$")
 JOBLINE_RE = re.compile(r"^\[([A-Za-z0-9_.+-]+)\] ?(.*)$")
 

@@ -236,7 +236,7 @@ wait_payload() {
             bad=$((bad + 1))
             [ $bad -ge 20 ] && fatal "payload body does not match its header"
         fi
-        sleep 0.05
+        sleep 0.02
     done
     mark read
     (cd "${PAYLOAD_ROOT:-/}" && cpio -i -d -u < "$tmp/payload" 2> "$tmp/cpio.log") \
