@@ -424,6 +424,7 @@ class JobMonitor:
             label, _, centis = rest.partition(" ")
             if centis.isdigit():
                 self.phases.append((label, int(centis) / 100))
+                self.times.setdefault(f"t/{label}", self.clock())
         elif kind == "start":
             self.current, self.started = rest, self.clock()
         elif kind == "job":
@@ -549,11 +550,11 @@ def timing_breakdown(run=None):
         mark = t.get("ready", run["qemu"])
         out.append(("qemu start -> dom0 toolstack ready (boot)", mark - run["qemu"]))
     if "payload" in t:
-        dom0 = dict(mon.phases)
-        inside = ""
-        if {"header", "read"} <= dom0.keys():
-            inside = f" (dom0 read and checked the body in {dom0['read'] - dom0['header']:.2f} s)"
-        out.append((f"jobs handed in (payload disk){inside}", t["payload"] - mark))
+        out.append(("jobs handed in (payload disk)", t["payload"] - mark))
+        if {"t/header", "t/read"} <= t.keys():
+            out += [("  running -> dom0 found the header", t["t/header"] - mark),
+                    ("  header -> body read and checked", t["t/read"] - t["t/header"]),
+                    ("  body -> unpacked", t["payload"] - t["t/read"])]
     for name in mon.names:
         start = t.get(f"start/{name}")
         if start is None:
