@@ -314,9 +314,9 @@ class JudgeGrace(unittest.TestCase):
 
         def judge(line):
             seen.append(line)
-            return (Verdict.SUCCESS, 0.5) if line == "go" else None
+            return (Verdict.SUCCESS, 2.0) if line == "go" else None
 
-        r = run_qemu(["sh", "-c", "echo go; sleep 0.2; echo after; sleep 30"], timeout=20,
+        r = run_qemu(["sh", "-c", "echo go; sleep 0.1; echo after; sleep 30"], timeout=20,
                      echo=False, judge=judge, grace=0.0)
         self.assertEqual(r.verdict, Verdict.SUCCESS)
         self.assertEqual(seen, ["go", "after"])
