@@ -230,14 +230,16 @@ def cold_boot_case():
     """scripts/run --mode domu --cold: the one toolstack case that boots Xen and dom0 from
     scratch, so that the snapshot never hides a boot regression."""
     t0 = time.monotonic()
-    cmd = [str(ROOT / "scripts" / "run"), "--mode", "domu", "--cold", "--quiet"]
+    cmd = [str(ROOT / "scripts" / "run"), "--mode", "domu", "--cold"]
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     ok = p.returncode == 0 and "== domu: SUCCESS" in p.stdout and "cold boot" in p.stdout
     with PRINT_LOCK:
         print(f"\n=== cold boot: scripts/run --mode domu --cold: exit {p.returncode} after "
               f"{time.monotonic() - t0:.1f} s -> {'ok' if ok else 'FAILED'}", flush=True)
         if not ok:
-            print(p.stdout[-3000:], flush=True)
+            lines = p.stdout.splitlines()
+            failed = [line for line in lines if "FAILED  ]" in line]
+            print("\n".join(failed + lines[-40:]), flush=True)
     return [] if ok else ["cold boot (domu)"]
 
 
