@@ -12,7 +12,9 @@ ENVIRONMENT_HELP = """\
 environment:
   XENPV_ACCEL=tcg   never use KVM (default: KVM only where a probe shows Xen boots under it)
   XENPV_VERBOSE=1   domu/shim: also stream Xen's and dom0's serial lines
-  XENPV_CACHE=DIR   download and build cache (default: .cache/ in the checkout)"""
+  XENPV_CACHE=DIR   download and build cache (default: .cache/ in the checkout)
+  XENPV_COLD=1      domu/shim: boot dom0 from scratch, not from the cached dom0 snapshot
+  XENPV_TIMINGS=1   scripts/run: print where the time of a domu/shim run went"""
 
 
 def entry(main):

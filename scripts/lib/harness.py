@@ -59,20 +59,23 @@ def _exit_on_termination_signals():
 
 
 def run_qemu(args, timeout, silence=DEFAULT_SILENCE, expect=(), echo=True, prefix="",
-             judge=judge_line, grace=0.3):
+             judge=judge_line, grace=0.3, on_start=None, pass_fds=()):
     """Run qemu with `args` and stream its stdout; return a Result.
 
-    `judge(line)` returns a Verdict to end the run (after `grace` seconds for trailing output).
+    `judge(line)` returns a Verdict to end the run (after `grace` seconds for trailing output), or
+    (Verdict, seconds of grace); it sees every line, also those after its verdict.
     No output for `silence` seconds (None: no limit) ends it as HANG, `timeout` seconds in all as
     TIMEOUT. `expect` is a list of regexes; the first line matching each is recorded in
-    Result.matched.
+    Result.matched. `on_start(proc)` runs right after qemu started (e.g. to start a restored
+    machine over QMP); an exception from it ends qemu and propagates. `pass_fds` are inherited
+    by qemu.
     """
     _exit_on_termination_signals()
     start = time.monotonic()
     try:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_die_with_parent, pass_fds=pass_fds)
     except OSError as e:
         raise HarnessError(f"cannot start {args[0]}: {e.strerror}") from None
     sel = selectors.DefaultSelector()
@@ -95,12 +98,15 @@ def run_qemu(args, timeout, silence=DEFAULT_SILENCE, expect=(), echo=True, prefi
         for e in expect:
             if e.pattern not in result.matched and e.search(line):
                 result.matched[e.pattern] = line
-        if verdict is None:
-            verdict = judge(line)
-            if verdict is not None:
-                end_at = time.monotonic() + grace
+        # The judge sees every line, also those in the grace period after its verdict.
+        decided = judge(line)
+        if verdict is None and decided is not None:
+            verdict, wait = decided if isinstance(decided, tuple) else (decided, grace)
+            end_at = time.monotonic() + wait
 
     try:
+        if on_start is not None:
+            on_start(proc)
         while True:
             now = time.monotonic()
             if end_at is not None and now >= end_at:

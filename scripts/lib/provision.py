@@ -28,7 +28,7 @@ RUST_TARGET = "x86_64-unknown-none"
 
 __all__ = ["ROOT", "CACHE", "DEBS", "cache_lock", "fetch_debs", "unpack_debs", "extract_from_deb",
            "ensure_base", "ensure_xen", "ensure_qemu", "ensure_rust_target", "resolve_dependency",
-           "stamp_ok", "make_artifact"]
+           "stamp_ok", "stamp_path", "stamped_digest", "write_stamp", "make_artifact"]
 
 
 def log(msg):
@@ -54,33 +54,34 @@ def _sudo():
 # ---------------------------------------------------------------------------------------------
 # The cache lock
 
-_lock_depth = 0
+_lock_depth = {}
 
 
 @contextlib.contextmanager
-def cache_lock():
-    """Hold the cache's exclusive lock (re-entrant within a process). A second run waits here
-    until the first has finished provisioning, then finds everything in place."""
-    global _lock_depth
-    if _lock_depth:
-        _lock_depth += 1
+def cache_lock(name=".lock", what=None):
+    """Hold the cache's exclusive lock `name` (re-entrant within a process). A second run waits
+    here until the first has finished provisioning (or `what`), then finds everything in place.
+    `.lock` guards provisioning; the toolstack's snapshot has its own lock, so that building it
+    does not hold up a dom0-mode run."""
+    if _lock_depth.get(name):
+        _lock_depth[name] += 1
         try:
             yield
         finally:
-            _lock_depth -= 1
+            _lock_depth[name] -= 1
         return
     CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".lock", "a") as f:
+    with open(CACHE / name, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log(f"waiting for another run that is preparing {CACHE} ...")
+            log(f"waiting for another run that is {what or f'preparing {CACHE}'} ...")
             fcntl.flock(f, fcntl.LOCK_EX)
-        _lock_depth = 1
+        _lock_depth[name] = 1
         try:
             yield
         finally:
-            _lock_depth = 0
+            _lock_depth[name] = 0
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -90,6 +91,23 @@ def cache_lock():
 
 def _stamp_path(path):
     return Path(path).with_name(Path(path).name + ".ok")
+
+
+stamp_path = _stamp_path
+
+
+def stamped_digest(path):
+    """The SHA256 of `path`: from its stamp while size and mtime still match it, else
+    computed."""
+    path = Path(path)
+    try:
+        digest, size, mtime, _ = _stamp_path(path).read_text().split(" ", 3)
+        st = path.stat()
+        if st.st_size == int(size) and st.st_mtime_ns == int(mtime):
+            return digest
+    except (OSError, ValueError):
+        pass
+    return sha256_file(path)
 
 
 def write_stamp(path, key="", digest=None):

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,26 +99,70 @@ UNIT_TESTS = ROOT / "scripts" / "lib" / "tests"
 EXHAUSTIVE_LENGTH = 7
 
 
-def step(title, cmd, cwd=ROOT):
-    print(f"\n=== {title}: {' '.join(map(str, cmd))}", flush=True)
+def step(title, cmd, cwd=ROOT, capture=False):
+    """Run one check; with `capture`, its output is printed in one piece when it ends (for
+    checks that run side by side)."""
     t = time.monotonic()
-    r = subprocess.run(cmd, cwd=cwd)
-    print(f"=== {title}: {'ok' if r.returncode == 0 else 'FAILED'} ({time.monotonic() - t:.1f} s)",
-          flush=True)
+    head = f"\n=== {title}: {' '.join(map(str, cmd))}"
+    if not capture:
+        print(head, flush=True)
+    r = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE if capture else None,
+                       stderr=subprocess.STDOUT if capture else None, text=True)
+    tail = (f"=== {title}: {'ok' if r.returncode == 0 else 'FAILED'} "
+            f"({time.monotonic() - t:.1f} s)")
+    with PRINT_LOCK:
+        if capture:
+            print(head + "\n" + r.stdout, end="" if r.stdout.endswith("\n") or not r.stdout
+                  else "\n")
+        print(tail, flush=True)
     return r.returncode == 0
 
 
-def unit_tests():
-    return step("harness unit tests", [sys.executable, "-m", "unittest", "discover", "-q",
-                                       "-s", str(UNIT_TESTS), "-t", str(ROOT / "scripts")],
-                cwd=ROOT / "scripts")
+PRINT_LOCK = threading.Lock()
+UNIT_CMD = [sys.executable, "-m", "unittest", "discover", "-q", "-s", str(UNIT_TESTS), "-t",
+            str(ROOT / "scripts")]
+
+
+def unit_tests(capture=False):
+    return step("harness unit tests", UNIT_CMD, cwd=ROOT / "scripts", capture=capture)
+
+
+def side_by_side(*lanes):
+    """Run each lane (a function returning a list of failures) in its own thread; the failures
+    of all. The lanes print whole blocks under PRINT_LOCK."""
+    results = [None] * len(lanes)
+
+    def run(i, lane):
+        try:
+            results[i] = lane()
+        except Exception as e:  # noqa: BLE001 - reported as a failure of that lane
+            results[i] = [f"{lane.__name__}: {type(e).__name__}: {e}"]
+
+    threads = [threading.Thread(target=run, args=(i, lane), daemon=True)
+               for i, lane in enumerate(lanes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)
+    return [f for r in results for f in r]
+
+
+_FAKES = {}
+_FAKES_LOCK = threading.Lock()
 
 
 def _fake(kind):
+    """A tiny misbehaving kernel, written once per run (both lanes use them)."""
     from .toolstack import fake_guests
-    d = CACHE / "fake-guests"
-    d.mkdir(parents=True, exist_ok=True)
-    return fake_guests.write(kind, d / kind)
+    with _FAKES_LOCK:
+        if kind not in _FAKES:
+            d = CACHE / "fake-guests"
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = d / f".{kind}.tmp{os.getpid()}"
+            fake_guests.write(kind, tmp)
+            _FAKES[kind] = tmp.replace(d / kind)
+        return _FAKES[kind]
 
 
 def _verdict_line(ok, got, want, seen, pattern):
@@ -145,13 +190,24 @@ def boot_cases(xen, guest, cases):
 
 
 def toolstack_cases(guest, cases):
+    """The cases as jobs in one dom0 restored from its snapshot; cases that need a larger machine
+    than the snapshot's (the memory cases) in a cold-booted one."""
     from . import toolstack
     jobs = [toolstack.Job(name, kind, _fake(c.fake) if c.fake else guest, c.cmdline,
                           memory_mb=c.memory or 0, vcpus=c.smp, silence=c.silence)
             for name, kind, c in cases]
-    print(f"\n=== boot (toolstack): {len(jobs)} guests as PV domU / under the PV shim, one dom0 boot",
-          flush=True)
-    results = toolstack.run_jobs(jobs, timeout=60, echo=False)
+    results = {}
+    out = []
+    fits = [j for j in jobs if toolstack.snapshot_fits([j])]
+    for group in (fits, [j for j in jobs if j not in fits]):
+        if not group:
+            continue
+        t = time.monotonic()
+        out.append(f"\n=== boot (toolstack): {len(group)} guests as PV domU / under the PV shim, "
+                   f"one dom0")
+        results.update(toolstack.run_jobs(group, timeout=60, echo=False))
+        out.append(f"=== boot (toolstack): {toolstack.LAST_RUN.get('how', '?')}, "
+                   f"{time.monotonic() - t:.1f} s")
     failures = []
     for name, kind, c in cases:
         r = results[name]
@@ -159,13 +215,32 @@ def toolstack_cases(guest, cases):
         ok = r.verdict == c.want and seen
         if c.want == V.CRASH and r.seconds > CRASH_REPORT_LIMIT_S:
             ok = False
-        print(f"=== boot ({kind}): {name}: guest options \"{c.cmdline}\": after {r.seconds:.1f} s "
-              f"({r.since_qemu_start:.1f} s from qemu start): "
-              f"{_verdict_line(ok, r.verdict, c.want, seen, c.pattern)}", flush=True)
+        out.append(f"=== boot ({kind}): {name}: guest options \"{c.cmdline}\": after "
+                   f"{r.seconds:.1f} s ({r.since_qemu_start:.1f} s from qemu start): "
+                   f"{_verdict_line(ok, r.verdict, c.want, seen, c.pattern)}")
         if not ok:
-            print(r.tail())
+            out.append(r.tail())
             failures.append(f"{kind}: {name}")
+    with PRINT_LOCK:
+        print("\n".join(out), flush=True)
     return failures
+
+
+def cold_boot_case():
+    """scripts/run --mode domu --cold: the one toolstack case that boots Xen and dom0 from
+    scratch, so that the snapshot never hides a boot regression."""
+    t0 = time.monotonic()
+    cmd = [str(ROOT / "scripts" / "run"), "--mode", "domu", "--cold"]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    ok = p.returncode == 0 and "== domu: SUCCESS" in p.stdout and "cold boot" in p.stdout
+    with PRINT_LOCK:
+        print(f"\n=== cold boot: scripts/run --mode domu --cold: exit {p.returncode} after "
+              f"{time.monotonic() - t0:.1f} s -> {'ok' if ok else 'FAILED'}", flush=True)
+        if not ok:
+            lines = p.stdout.splitlines()
+            failed = [line for line in lines if "FAILED  ]" in line]
+            print("\n".join(failed + lines[-40:]), flush=True)
+    return [] if ok else ["cold boot (domu)"]
 
 
 def interrupt_case():
@@ -209,8 +284,8 @@ verdict it must reach (including the deliberate crashes).""", epilog_text())
     ap.add_argument("--unit", action="store_true",
                     help="only the harness's unit tests (a few seconds, no qemu, no cargo)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    failed = [] if unit_tests() else ["harness unit tests"]
     if args.unit:
+        failed = [] if unit_tests() else ["harness unit tests"]
         print("\n=== summary:", "all passed" if not failed else "FAILED: " + "; ".join(failed))
         return 1 if failed else 0
     provision.ensure_rust_target()
@@ -227,14 +302,24 @@ verdict it must reach (including the deliberate crashes).""", epilog_text())
         ("exhaustive", ["cargo", "run", "--release", "-q", "-p", "lazy-mmu", "--example",
                         "exhaustive", "--", str(EXHAUSTIVE_LENGTH)]),
     ]
-    failed += [title for title, cmd in checks if not step(title, cmd)]
-    if not args.quick:
+    failed = [title for title, cmd in checks if not step(title, cmd)]
+    units = lambda: [] if unit_tests(capture=True) else ["harness unit tests"]  # noqa: E731
+    if args.quick:
+        failed += units()
+    else:
+        from . import toolstack
+        from .harness import _exit_on_termination_signals
         paths = provision.ensure_base()
         guest = build_guest()
+        toolstack.prepare()
+        _exit_on_termination_signals()  # in the main thread, before the lanes start qemu
         dom0 = DOM0_CASES + MEMORY_DOM0_CASES
-        failed += boot_cases(paths["xen"], guest, dom0)
         ts = TOOLSTACK_CASES + MEMORY_TOOLSTACK_CASES
-        failed += toolstack_cases(guest, ts)
-        failed += interrupt_case()
+        # Two qemu at a time: the dom0-mode boots, the cold toolstack boot and the Ctrl-C case
+        # one after another, next to the toolstack cases in one restored dom0; the harness's
+        # unit tests (no qemu, mostly waiting on subprocesses) next to both.
+        failed += side_by_side(
+            lambda: boot_cases(paths["xen"], guest, dom0) + cold_boot_case() + interrupt_case(),
+            lambda: toolstack_cases(guest, ts), units)
     print("\n=== summary:", "all passed" if not failed else "FAILED: " + "; ".join(failed))
     return 1 if failed else 0

@@ -15,34 +15,38 @@ Self-test of the verdicts (tiny kernels that crash, power off silently or hang),
 """
 
 import argparse
+import contextlib
 import fcntl
 import gzip
 import hashlib
 import lzma
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import machine, provision
 from ..common import (GUEST_VERDICTS, RESULT_PREFIX, RESULT_RE, HarnessError, Result, Verdict,
-                      mib, say, tail_lines)
+                      mib, parse_result_line, say, tail_lines, write_atomic)
 from ..cpio import Cpio
 from ..elf import elf_needed
 from ..harness import DEFAULT_SILENCE, run_qemu
 from ..options import LIMITS
-from . import fake_guests
+from ..qmp import Qmp, QmpError
+from . import fake_guests, snapshot
 
 HERE = Path(__file__).resolve().parent
 INIT_SCRIPT = HERE / "init.sh"
 WORK = provision.CACHE / "toolstack"
 
 # Bump when the layout of the base initramfs changes in a way its inputs do not show.
-BASE_FORMAT = 2
+BASE_FORMAT = 4
 
 KERNEL_META = "linux-image-amd64"
 # What `xl`, xenstored, xenconsoled and xen-init-dom0 link against (found by following DT_NEEDED
@@ -61,6 +65,9 @@ DLOPENED = ["libgcc_s.so.1"]
 SHIM_PATH = "/usr/lib/xen-4.17/boot/xen-shim"
 # Load order matters: xenfs uses privcmd.
 MODULES = ["xen-privcmd", "xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc"]
+# The payload disk of a restored snapshot (virtio-blk over PCI), in load order.
+VIRTIO_MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
+                  "virtio_pci", "virtio_blk"]
 LIB_DIRS = ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu",
             "usr/lib/xen-4.17/lib/x86_64-linux-gnu"]
 
@@ -128,6 +135,9 @@ def _kernel_tree(kernel_pkg, deb):
                                       for m in ("xen-privcmd", "xen-evtchn", "xen-gntdev",
                                                 "xen-gntalloc")]
     members.append("./lib/modules/*/kernel/drivers/xen/xenfs/xenfs.ko")
+    members += [f"./lib/modules/*/kernel/drivers/virtio/{m}.ko" for m in VIRTIO_MODULES
+                if m != "virtio_blk"]
+    members.append("./lib/modules/*/kernel/drivers/block/virtio_blk.ko")
     return provision.extract_from_deb(deb, WORK / "pkgs" / kernel_pkg, members)
 
 
@@ -168,8 +178,8 @@ def _build_base(dest, kernel_root, busybox_root, utils_root, lib_roots, shim):
     for a in applets:
         if a != "busybox":
             c.symlink(f"bin/{a}", "busybox")
-    mods = {p.stem: p for p in kernel_root.glob("lib/modules/*/kernel/drivers/xen/**/*.ko")}
-    for m in MODULES:
+    mods = {p.stem: p for p in kernel_root.glob("lib/modules/*/kernel/drivers/**/*.ko")}
+    for m in MODULES + VIRTIO_MODULES:
         c.file(f"lib/modules/{m}.ko", mods[m].read_bytes())
     tools = {t: (utils_root / XEN_BIN / t).read_bytes() for t in TOOLS}
     for t, data in tools.items():
@@ -184,9 +194,10 @@ def _build_base(dest, kernel_root, busybox_root, utils_root, lib_roots, shim):
     c.file("etc/xen/xl.conf", b'autoballoon="off"\n')
     raw = c.finish()
     with open(dest, "wb") as f:
-        # mtime=0: same inputs, same bytes. Level 6 is a fair size/time trade; the kernel's
-        # gunzip speed hardly depends on it.
-        with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0) as gz:
+        # mtime=0 and no file name in the header (it would be the temporary name, with a pid):
+        # same inputs, same bytes, so a rebuilt initramfs keeps the dom0 snapshot's key. Level 6
+        # is a fair size/time trade; the kernel's gunzip speed hardly depends on it.
+        with gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=6, mtime=0) as gz:
             gz.write(raw)
         # The job archive appended at run time must start 4-byte aligned.
         f.write(b"\0" * (-f.tell() % 4))
@@ -315,6 +326,8 @@ FATAL_RES = [
     re.compile(r"Hardware Dom0 (crashed|shutdown)"),
     re.compile(r"Kernel panic - not syncing"),
 ]
+# After the last job's result line: time for its last console lines before qemu is ended.
+LAST_RESULT_GRACE = 0.15
 MARK_RE = re.compile(r"^@@(\w+)(?: (.*))?$")
 JOBLINE_RE = re.compile(r"^\[([A-Za-z0-9_.+-]+)\] ?(.*)$")
 
@@ -322,11 +335,15 @@ JOBLINE_RE = re.compile(r"^\[([A-Za-z0-9_.+-]+)\] ?(.*)$")
 class JobMonitor:
     """Turns the toolstack dom0's serial lines into job results: `@@` markers from init.sh
     (never shown to the user), `[job] …` console lines, and Xen's reports about the running job.
-    `feed(line)` returns Verdict.SUCCESS when dom0 finished every job, Verdict.CRASH when it died,
-    None otherwise."""
+    `feed(line)` returns Verdict.SUCCESS when dom0 finished every job, (Verdict.SUCCESS, grace)
+    on the last job's result line, Verdict.CRASH when dom0 died, None otherwise."""
 
-    def __init__(self, names, echo=True, verbose=False, out=None, clock=time.monotonic):
+    def __init__(self, names, echo=True, verbose=False, out=None, clock=time.monotonic,
+                 on_waiting=None, nonce=None):
         self.names = list(names)
+        # Called at @@waiting (dom0 polls its payload disk): the moment to snapshot the machine
+        # and hand in the payload. `nonce`: the payload dom0 must report (@@payload).
+        self.on_waiting, self.nonce = on_waiting, nonce
         self.echo, self.verbose = echo, verbose
         self.out = out or sys.stdout
         self.clock = clock
@@ -337,6 +354,10 @@ class JobMonitor:
         self.current = None
         self.started = None
         self.ready_after = None
+        self.phases = []         # (label, seconds of dom0 uptime) from @@t markers
+        self.times = {}          # host clock: "ready", "payload", "start/NAME", "first/NAME",
+        #                          "result/NAME" (first occurrence each)
+        self.early = None        # the last job, judged on its result line (see feed)
 
     def _print(self, text):
         if self.echo:
@@ -348,8 +369,23 @@ class JobMonitor:
             return self._marker(m.group(1), m.group(2) or "")
         m = JOBLINE_RE.match(line)
         if m and m.group(1) in self.lines_of:
-            self.lines_of[m.group(1)].append(m.group(2))
+            name, text = m.group(1), m.group(2)
+            self.lines_of[name].append(text)
             self._print(line)
+            self.times.setdefault(f"first/{name}", self.clock())
+            v = parse_result_line(text)
+            if v is not None:
+                self.times.setdefault(f"result/{name}", self.clock())
+            if (v is not None and name == self.names[-1] and name == self.current
+                    and name not in self.results):
+                # The last job's result line decides it (dom0 would report the same verdict
+                # after tearing the domain down, ~1 s later): end after a short grace for the
+                # guest's last lines.
+                self.early = name
+                self.results[name] = Result(v, self.clock() - (self.started or self.clock()),
+                                            self.clock() - self.qemu_start, self.lines_of[name])
+                self._print(f"[{name}] {v} after {self.results[name].seconds:.1f} s")
+                return Verdict.SUCCESS, LAST_RESULT_GRACE
             return None
         self.other.append(line)
         cur = self.current
@@ -366,14 +402,34 @@ class JobMonitor:
         return None
 
     def _marker(self, kind, rest):
+        if kind in ("ready", "payload", "done"):
+            self.times.setdefault(kind, self.clock())
+        elif kind in ("start", "job"):
+            self.times.setdefault(f"{kind}/{rest.split(' ')[0]}", self.clock())
         if kind == "ready":
             self.ready_after = self.clock() - self.qemu_start
             self._print(f"[dom0] toolstack ready after {self.ready_after:.1f} s")
+        elif kind == "waiting":
+            if self.on_waiting is None:
+                self.other.append("dom0 waits for a payload disk nobody will write")
+                return Verdict.CRASH
+            self.on_waiting()
+        elif kind == "payload":
+            if rest != self.nonce:
+                self.other.append(f"dom0 unpacked payload {rest!r}, not this run's "
+                                  f"{self.nonce!r}")
+                self._print(f"[dom0] unpacked payload {rest!r}, not this run's {self.nonce!r}")
+                return Verdict.CRASH
+        elif kind == "t":
+            label, _, centis = rest.partition(" ")
+            if centis.isdigit():
+                self.phases.append((label, int(centis) / 100))
+                self.times.setdefault(f"t/{label}", self.clock())
         elif kind == "start":
             self.current, self.started = rest, self.clock()
         elif kind == "job":
             name, verdict, secs = (rest.split() + ["", "", ""])[:3]
-            if name in self.lines_of:
+            if name in self.lines_of and name != self.early:
                 try:
                     seconds = float(secs)
                 except ValueError:
@@ -414,8 +470,12 @@ class JobMonitor:
         return self.results
 
 
-def run_jobs(jobs, silence=DEFAULT_SILENCE, timeout=120.0, echo=True, verbose=None):
-    """Boot once and run `jobs` in order as domUs; return {job name: Result}.
+def run_jobs(jobs, silence=DEFAULT_SILENCE, timeout=120.0, echo=True, verbose=None, cold=None):
+    """Run `jobs` in order as domUs in one dom0; return {job name: Result}.
+
+    The dom0 is restored from the cached snapshot (taken by the first run that finds none; see
+    snapshot.py) unless `cold` (default: env XENPV_COLD=1) or the jobs need a larger machine than
+    the snapshot's: then it boots as a whole with the jobs in its initramfs.
 
     A job is destroyed as HANG after `silence` seconds without console output, as TIMEOUT after
     `timeout` seconds from `xl create` (a Job may set its own). With `echo`, guest console lines
@@ -424,6 +484,8 @@ def run_jobs(jobs, silence=DEFAULT_SILENCE, timeout=120.0, echo=True, verbose=No
     """
     if verbose is None:
         verbose = os.environ.get("XENPV_VERBOSE") == "1"
+    if cold is None:
+        cold = os.environ.get("XENPV_COLD") == "1"
     names = [j.name for j in jobs]
     for j in jobs:
         if not NAME_RE.match(j.name):
@@ -434,26 +496,301 @@ def run_jobs(jobs, silence=DEFAULT_SILENCE, timeout=120.0, echo=True, verbose=No
             raise HarnessError(f"job {j.name}: guest options longer than {LIMITS['domu']} bytes")
     if len(set(names)) != len(names):
         raise HarnessError("job names must be unique")
+    LAST_RUN.clear()
+    LAST_RUN["begin"] = time.monotonic()
     paths = prepare()
     extra = job_archive(jobs, silence, timeout)
     WORK.mkdir(parents=True, exist_ok=True)
-    initrd = WORK / f"run-{os.getpid()}.cpio"
-    with open(initrd, "wb") as out, open(paths["initramfs"], "rb") as base:
-        shutil.copyfileobj(base, out)
-        out.write(extra)
-
-    mon = JobMonitor(names, echo=echo, verbose=verbose)
     total = BOOT_ALLOWANCE + sum((j.timeout or timeout) + 20 for j in jobs)
     quiet = max(j.silence or silence for j in jobs) + XL_CREATE_ALLOWANCE
-    try:
-        out = run_qemu(qemu_args(paths, initrd, jobs), timeout=total, silence=quiet, echo=False,
-                       judge=mon.feed, grace=0.0)
-    finally:
-        initrd.unlink(missing_ok=True)
+
+    if not cold and not snapshot_fits(jobs):
+        log(f"these guests need a larger machine than the dom0 snapshot's "
+            f"({SNAPSHOT_GUEST_MEM_MB} MiB, {SNAPSHOT_MAX_VCPUS} vCPUs per guest): booting cold")
+        cold = True
+    how = "cold boot"
+    if cold:
+        mon = JobMonitor(names, echo=echo, verbose=verbose)
+        initrd = WORK / f"run-{os.getpid()}.cpio"
+        with open(initrd, "wb") as out, open(paths["initramfs"], "rb") as base:
+            shutil.copyfileobj(base, out)
+            out.write(extra)
+        try:
+            LAST_RUN["qemu"] = time.monotonic()
+            out = run_qemu(qemu_args(paths, initrd, jobs), timeout=total, silence=quiet,
+                           echo=False, judge=mon.feed, grace=0.0)
+        finally:
+            initrd.unlink(missing_ok=True)
+    else:
+        mon, out, how = Snapshots(paths, echo).run(names, extra, total, quiet, echo, verbose)
+    LAST_RUN.update(end=time.monotonic(), how=how, monitor=mon)
     results = mon.finish(out)
     if echo and out.verdict == Verdict.SUCCESS:
-        log(f"qemu: {out.seconds:.1f} s for {len(jobs)} job(s)")
+        log(f"qemu ({how}): {out.seconds:.1f} s for {len(jobs)} job(s)")
     return results
+
+
+# How the last run_jobs() went: "how" dom0 came up, host clock times "begin", "qemu" (started),
+# "running" (a restored machine was continued), "end", and the JobMonitor ("monitor").
+LAST_RUN = {}
+
+
+def timing_breakdown(run=None):
+    """[(phase, seconds)] of the last run_jobs(), from its host-side times."""
+    run = run or LAST_RUN
+    mon = run.get("monitor")
+    if not mon or "qemu" not in run:
+        return []
+    t = mon.times
+    out = [("harness before qemu", run["qemu"] - run["begin"])]
+    if "running" in run:
+        out.append(("qemu start -> restored machine running", run["running"] - run["qemu"]))
+        mark = run["running"]
+    else:
+        mark = t.get("ready", run["qemu"])
+        out.append(("qemu start -> dom0 toolstack ready (boot)", mark - run["qemu"]))
+    if "payload" in t:
+        out.append(("jobs handed in (payload disk)", t["payload"] - mark))
+        if {"t/header", "t/read"} <= t.keys():
+            out += [("  running -> dom0 found the header", t["t/header"] - mark),
+                    ("  header -> body read and checked", t["t/read"] - t["t/header"]),
+                    ("  body -> unpacked", t["payload"] - t["t/read"])]
+    for name in mon.names:
+        start = t.get(f"start/{name}")
+        if start is None:
+            break
+        first = t.get(f"first/{name}", start)
+        out.append((f"{name}: xl create -> first console line", first - start))
+        if f"result/{name}" in t:
+            out.append((f"{name}: first line -> result line", t[f"result/{name}"] - first))
+    last = max(t.values(), default=run["end"])
+    out.append(("after the last result (teardown, grace)", run["end"] - last))
+    return out
+
+
+def machine_shape(jobs):
+    """(memory MiB, vCPUs) of the machine that runs `jobs`."""
+    memory = max(QEMU_MEM_MB, DOM0_MEM_MB + MACHINE_OVERHEAD_MB + max(j.memory for j in jobs))
+    return memory, max(2, *(j.vcpus for j in jobs))
+
+
+# The snapshot's machine: QEMU_MEM_MB and two processors, as a cold boot (with one, dom0 and the
+# guest share it: measured 4.4-5.7 s per warm domu run against 3.0-4.6 s with two).
+SNAPSHOT_CPUS = 2
+SNAPSHOT_GUEST_MEM_MB = QEMU_MEM_MB - DOM0_MEM_MB - MACHINE_OVERHEAD_MB
+SNAPSHOT_MAX_VCPUS = 2
+
+
+def snapshot_fits(jobs):
+    """Can `jobs` run in the snapshot's machine?"""
+    return (all(j.memory <= SNAPSHOT_GUEST_MEM_MB for j in jobs)
+            and all(j.vcpus <= SNAPSHOT_MAX_VCPUS for j in jobs))
+
+
+class SnapshotBroken(Exception):
+    """The state could not be restored (it is removed and taken again)."""
+
+
+class Snapshots:
+    """The dom0 snapshot for this Xen, kernel and initramfs: restore it, or boot, take it and go
+    on with the jobs (see snapshot.py)."""
+
+    LOCK = "toolstack/state.lock"
+
+    def __init__(self, paths, echo=True):
+        self.paths = paths
+        self.comp, self.ext, self.compress, self.decompress = snapshot.compressor()
+        self.template = self.machine_args(snapshot.PAYLOAD_PLACEHOLDER)
+        digests = {role: provision.stamped_digest(paths[role])
+                   for role in ("xen", "vmlinux", "initramfs")}
+        self.key = snapshot.cache_key(snapshot.qemu_identity(), self.template, digests,
+                                      INIT_SCRIPT.read_bytes(), self.comp)
+        self.state = snapshot.state_path(WORK, self.key, self.ext)
+
+    def machine_args(self, disk):
+        p = self.paths
+        xen_args = machine.xen_cmdline(DOM0_MEM_MB, 1, ["bootscrub=0"])
+        modules = [(p["vmlinux"], DOM0_CMDLINE), (p["initramfs"], "")]
+        return (machine.qemu_xen(p["xen"], modules, xen_args, QEMU_MEM_MB, SNAPSHOT_CPUS)
+                + snapshot.payload_drive_args(disk))
+
+    def run(self, names, body, total, quiet, echo, verbose):
+        """(JobMonitor, qemu's Result, how dom0 came up) for one run of the jobs in `body`."""
+        nonce = os.urandom(8).hex()
+        tmpdir = Path(tempfile.mkdtemp(prefix="xenpv-"))
+        _remove_orphaned_payload_disks()
+        disk = WORK / f"payload-{os.getpid()}.img"
+        try:
+            for attempt in range(2):
+                if not snapshot.state_ok(self.state, self.key):
+                    with contextlib.ExitStack() as lock:
+                        lock.enter_context(provision.cache_lock(
+                            self.LOCK, "taking the dom0 snapshot"))
+                        if not snapshot.state_ok(self.state, self.key):
+                            self._say_why_missing()
+                            mon = JobMonitor(names, echo=echo, verbose=verbose, nonce=nonce)
+                            out = self._boot_and_take(mon, lock, tmpdir, disk, nonce, body,
+                                                      total, quiet)
+                            return mon, out, "cold boot, snapshot taken"
+                mon = JobMonitor(names, echo=echo, verbose=verbose, nonce=nonce)
+                try:
+                    out = self._restore(mon, tmpdir, disk, nonce, body, total, quiet)
+                    return mon, out, "restored snapshot"
+                except SnapshotBroken as e:
+                    log(f"{self.state.name} could not be restored ({e}): taking it again")
+                    snapshot.remove_state(self.state)
+                    self.broken = True
+            raise HarnessError("the dom0 snapshot could not be restored even after taking it "
+                               "again; scripts/run --cold boots without it")
+        finally:
+            disk.unlink(missing_ok=True)
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+    def _why_not_restored(self, dec, proc):
+        """The decompressor's complaint (a damaged file) or qemu's (a state it cannot load)."""
+        try:
+            dec.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        if dec.returncode is not None and dec.returncode > 0:
+            err = dec.stderr.read().decode(errors="replace").strip()
+            return f"{' '.join(self.decompress)}: {err or f'exit {dec.returncode}'}"
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            if dec.returncode:  # killed by a signal, e.g. SIGPIPE
+                return f"{' '.join(self.decompress)} ended by signal {-dec.returncode}"
+            return None
+        return f"qemu exited: {_qemu_said(proc) or f'status {proc.returncode}'}"
+
+    def _say_why_missing(self):
+        others = [p for p in WORK.glob("state-*") if not p.name.endswith(".ok")]
+        if getattr(self, "broken", False):
+            return
+        if self.state.exists():
+            log(f"{self.state.name} is damaged or incomplete (its stamp does not match): "
+                "taking the dom0 snapshot again")
+        elif others:
+            log(f"the dom0 snapshot is out of date (qemu, its command line, Xen, the kernel, "
+                f"the initramfs or /init changed): taking {self.state.name}")
+        else:
+            log(f"no dom0 snapshot yet: booting and taking {self.state.name}")
+
+    def _qemu(self, tmpdir, disk):
+        sock = tmpdir / "qmp.sock"
+        return [*self.machine_args(disk), "-qmp", f"unix:{sock},server=on,wait=off"], sock
+
+    def _boot_and_take(self, mon, lock, tmpdir, disk, nonce, body, total, quiet):
+        snapshot.write_payload_disk(disk)
+        args, sock = self._qemu(tmpdir, disk)
+        state, key = self.state, self.key
+        t_boot = time.monotonic()
+
+        def on_waiting():
+            t0 = time.monotonic()
+            qmp = Qmp(sock)
+            tmp = state.with_name(f".{state.name}.tmp{os.getpid()}")
+            try:
+                qmp.cmd("stop")
+                qmp.cmd("migrate-set-parameters", **{"max-bandwidth": snapshot.MAX_BANDWIDTH})
+                qmp.cmd("migrate", uri="exec:" + " ".join(self.compress) + " > "
+                        + shlex.quote(str(tmp)))
+                status = {}
+                while True:
+                    status = qmp.cmd("query-migrate")
+                    if status.get("status") in ("completed", "failed", "cancelled"):
+                        break
+                    time.sleep(0.02)
+                err = (status.get("error-desc") or status.get("status")
+                       if status.get("status") != "completed" else
+                       snapshot.check_decompresses(tmp, self.decompress))
+                if err:
+                    log(f"could not save the dom0 snapshot ({err}); this run goes on without it")
+                else:
+                    provision.write_stamp(tmp, key)
+                    stamp = provision.stamp_path(tmp).read_text()
+                    os.replace(tmp, state)
+                    write_atomic(provision.stamp_path(state), stamp)
+                    snapshot.remove_other_states(WORK, state)
+                    log(f"booted in {t0 - t_boot:.1f} s, saved the dom0 snapshot {state.name} "
+                        f"({mib(state.stat().st_size)}, {self.comp}) in "
+                        f"{time.monotonic() - t0:.1f} s")
+            finally:
+                tmp.unlink(missing_ok=True)
+                provision.stamp_path(tmp).unlink(missing_ok=True)
+                lock.close()
+            snapshot.write_payload_disk(disk, nonce, body)
+            qmp.cmd("cont")
+            qmp.close()
+
+        mon.on_waiting = on_waiting
+        LAST_RUN["qemu"] = time.monotonic()
+        return run_qemu(args, timeout=total, silence=quiet, echo=False, judge=mon.feed,
+                        grace=0.0)
+
+    def _restore(self, mon, tmpdir, disk, nonce, body, total, quiet):
+        snapshot.write_payload_disk(disk, nonce, body)
+        args, sock = self._qemu(tmpdir, disk)
+        try:
+            src = open(self.state, "rb")
+        except OSError as e:
+            raise SnapshotBroken(e.strerror) from None
+        with src:
+            dec = subprocess.Popen(self.decompress, stdin=src, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, start_new_session=True)
+        fd = dec.stdout.fileno()
+        args += ["-incoming", f"fd:{fd}"]
+        LAST_RUN["qemu"] = time.monotonic()
+
+        def on_start(proc):
+            t0 = time.monotonic()
+            dec.stdout.close()
+            alive = lambda: proc.poll() is None  # noqa: E731
+            try:
+                qmp = Qmp(sock, alive=alive)
+                qmp.wait_status(("paused", "running"), timeout=60, alive=alive)
+            except QmpError as e:
+                raise SnapshotBroken(self._why_not_restored(dec, proc) or str(e)) from None
+            try:
+                dec.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            if dec.returncode != 0:
+                raise SnapshotBroken(self._why_not_restored(dec, proc)
+                                     or f"{self.comp} did not finish")
+            qmp.cmd("cont")
+            qmp.close()
+            LAST_RUN["running"] = time.monotonic()
+            if mon.echo:
+                log(f"restored the dom0 snapshot in {time.monotonic() - t0:.2f} s")
+
+        try:
+            return run_qemu(args, timeout=total, silence=quiet, echo=False, judge=mon.feed,
+                            grace=0.0, on_start=on_start, pass_fds=(fd,))
+        finally:
+            if dec.poll() is None:
+                dec.kill()
+            dec.wait()
+            dec.stderr.close()
+
+
+def _remove_orphaned_payload_disks():
+    """Payload disks of runs that were killed before they could remove them."""
+    for f in WORK.glob("payload-*.img"):
+        pid = f.stem.removeprefix("payload-")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            f.unlink(missing_ok=True)
+
+
+def _qemu_said(proc):
+    """What a dead qemu printed (its error), if anything."""
+    if proc.poll() is None:
+        return ""
+    try:
+        out = os.read(proc.stdout.fileno(), 65536).decode(errors="replace").strip()
+        return "; ".join(out.splitlines()[-2:])[-400:]
+    except OSError:
+        return ""
 
 
 # ---------------------------------------------------------------------------------------------
