@@ -17,6 +17,9 @@ pub static TRAP_HOOKS: TrapHooks = TrapHooks {
 };
 
 fn fatal_trap(frame: &TrapFrame, address: u64) -> ! {
+    if let Some(name) = crate::sched::current_name() {
+        let _ = write!(&mut Emergency, "\n*** in task '{name}'");
+    }
     let _ = frame.describe(address, &mut Emergency);
     let _ = backtrace::write(&mut Emergency, frame.rbp);
     shutdown::crash()
@@ -25,16 +28,23 @@ fn fatal_trap(frame: &TrapFrame, address: u64) -> ! {
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
     let out = &mut Emergency;
+    let _ = match crate::sched::current_name() {
+        Some(name) => write!(out, "\n*** PANIC in task '{name}'"),
+        None => write!(out, "\n*** PANIC"),
+    };
     let _ = match info.location() {
-        Some(loc) => writeln!(
-            out,
-            "\n*** PANIC at {}:{}: {}",
-            loc.file(),
-            loc.line(),
-            info.message()
-        ),
-        None => writeln!(out, "\n*** PANIC: {}", info.message()),
+        Some(loc) => writeln!(out, " at {}:{}: {}", loc.file(), loc.line(), info.message()),
+        None => writeln!(out, ": {}", info.message()),
     };
     let _ = backtrace::write(out, backtrace::current_rbp());
     shutdown::crash()
+}
+
+/// The failsafe callback (Xen could not load a segment register): fatal.
+pub fn failsafe(frame: &TrapFrame) -> ! {
+    let _ = writeln!(
+        &mut Emergency,
+        "\n*** failsafe callback (Xen could not load a segment)"
+    );
+    fatal_trap(frame, 0)
 }
