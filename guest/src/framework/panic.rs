@@ -7,7 +7,7 @@ use core::panic::PanicInfo;
 use crate::arch::backtrace;
 use crate::arch::traps::{TrapFrame, TrapHooks};
 use crate::xen::console::Emergency;
-use crate::xen::{shared, shutdown};
+use crate::xen::{events, shared, shutdown};
 
 /// What the trap handler needs from above: where Xen leaves the fault address, and this
 /// module's report.
@@ -17,6 +17,8 @@ pub static TRAP_HOOKS: TrapHooks = TrapHooks {
 };
 
 fn fatal_trap(frame: &TrapFrame, address: u64) -> ! {
+    // Nothing may preempt the report.
+    events::mask();
     if let Some(name) = crate::sched::current_name() {
         let _ = write!(&mut Emergency, "\n*** in task '{name}'");
     }
@@ -27,6 +29,8 @@ fn fatal_trap(frame: &TrapFrame, address: u64) -> ! {
 
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
+    // Nothing may preempt the report.
+    events::mask();
     let out = &mut Emergency;
     let _ = match crate::sched::current_name() {
         Some(name) => write!(out, "\n*** PANIC in task '{name}'"),

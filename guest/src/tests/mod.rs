@@ -13,6 +13,7 @@ mod frames;
 mod heap;
 mod interrupts;
 mod nesting;
+mod preempt;
 mod refusals;
 mod set_ptes;
 mod stress;
@@ -166,6 +167,11 @@ pub static TESTS: &[TestCase] = &[
         "refusal_stays_with_task",
         "a refusal flushed by A's switch-out is reported by A's leave, not to B",
         tasks::refusal_stays_with_task,
+    ),
+    test(
+        "preempt",
+        "seeded programs in preempted tasks, a handler writing its range (seed= tasks= hz= ops= depth=)",
+        preempt::preempt,
     ),
     crash(
         "bug_task_panic",
