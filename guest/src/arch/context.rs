@@ -248,7 +248,7 @@ impl Drop for Saved {
     fn drop(&mut self) {
         // The CPU may still be on this stack (a context that ends itself): free it later.
         if let Some(stack) = self.stack.take() {
-            let old = core::mem::replace(&mut STACKS.lock().zombie, Some(stack));
+            let old = STACKS.lock().zombie.replace(stack);
             drop(old);
         }
     }

@@ -84,7 +84,7 @@ static HOOKS: ContextHooks = ContextHooks {
     events: upcall_events,
     schedule,
     exit: exit_current,
-    failsafe: failsafe,
+    failsafe,
 };
 
 /// The failsafe report needs the fatal-trap handler of the layers above.

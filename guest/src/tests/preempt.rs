@@ -81,6 +81,9 @@ impl Published {
     }
 }
 
+/// Which task, and how its program went.
+type TaskResult = (u64, Result<TaskReport, String>);
+
 struct TaskReport {
     checks: u64,
     cross_reads: u64,
@@ -146,8 +149,7 @@ pub fn preempt(ctx: &Context) -> TestOutcome {
             .map(|_| AtomicU64::new(0))
             .collect(),
     });
-    let results: Arc<IrqMutex<Vec<(u64, Result<TaskReport, String>)>>> =
-        Arc::new(IrqMutex::new(Vec::new()));
+    let results: Arc<IrqMutex<Vec<TaskResult>>> = Arc::new(IrqMutex::new(Vec::new()));
     let mut owns = Vec::new();
     for t in 0..tasks {
         let own = Arc::new(Region::new(TABLE_PAGES, 1, 0).map_err(failed)?);
