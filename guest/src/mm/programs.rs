@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 
 use hypercalls::{MachAddr, Pte};
 use lazy_mmu::program::{self, Layout, Observer, Op, RunStats, Stepper};
-use lazy_mmu::{Counters, FlushReason, LazyMmu};
+use lazy_mmu::{Counters, FlushReason, LazyMmu, MmuError};
 use x86_64::VirtAddr;
 
 use super::MmError;
@@ -234,6 +234,11 @@ impl TaskProgram {
         let op = self.ops[i];
         let (stepper, layout) = (&mut self.stepper, &self.layout);
         let outermost = pte::with_lazy(|l| -> Result<bool, String> {
+            // The programs are balanced: only a model that loses a task's nesting at a switch
+            // (`lazy=was-lazy-flag`) gets here, and that is Linux's BUG, as in the kernel API.
+            if op == Op::Leave && l.depth() == 0 && !l.is_paused() {
+                panic!("BUG: {} (op {i})", MmuError::UnbalancedLeave);
+            }
             stepper.step(l, layout, &op, &mut NoHooks)?;
             let outermost =
                 matches!(op, Op::Leave | Op::SetPtes { .. }) && l.depth() == 0 && !l.is_paused();

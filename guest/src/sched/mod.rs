@@ -138,16 +138,14 @@ pub fn set_preemption(on: bool) {
     }
 }
 
-/// The next task to run after `current`, round robin; `main` only when no other can run.
+/// The next runnable task after `current`, round robin (`main` included: it may still be
+/// spawning tasks when a tick preempts it).
 fn pick_next(s: &Sched) -> usize {
     let n = s.tasks.len();
-    for k in 1..=n {
-        let i = (s.current + k) % n;
-        if i != 0 && s.tasks[i].state == State::Runnable {
-            return i;
-        }
-    }
-    0
+    (1..=n)
+        .map(|k| (s.current + k) % n)
+        .find(|&i| s.tasks[i].state == State::Runnable)
+        .unwrap_or(0)
 }
 
 fn schedule(cur: Saved, why: Why) -> Saved {

@@ -169,6 +169,11 @@ pub static TESTS: &[TestCase] = &[
         tasks::refusal_stays_with_task,
     ),
     test(
+        "preempt_nested",
+        "a task preempted by the timer at depth 2: write flushed, depth kept",
+        tasks::preempt_nested,
+    ),
+    test(
         "preempt",
         "seeded programs in preempted tasks, a handler writing its range (seed= tasks= hz= ops= depth=)",
         preempt::preempt,

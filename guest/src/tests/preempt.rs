@@ -112,7 +112,9 @@ fn run_task(
             }
         }
         if tasks > 1 && rng.below(16) == 0 {
-            // Another task is switched out: everything it wrote is live.
+            // Another task is switched out: everything it wrote is live. The read and the
+            // comparison are one step (no switch in between).
+            let _irq = events::IrqGuard::new();
             let other = (me + 1 + rng.below(tasks as usize - 1) as u64) % tasks;
             let slot = TABLE_PAGES as usize + rng.below(TABLE_PAGES as usize);
             let page = TaskLayout::shared_page(other, slot);

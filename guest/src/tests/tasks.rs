@@ -9,6 +9,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use lazy_mmu::MmuError;
 
@@ -17,7 +18,8 @@ use crate::framework::runner::{Context, TestFail, TestOutcome};
 use crate::mm::pte;
 use crate::mm::region::{Map, Region};
 use crate::sched;
-use crate::xen::events::IrqMutex;
+use crate::xen::events::{self, IrqMutex};
+use crate::xen::time;
 
 type Log = Arc<IrqMutex<Vec<String>>>;
 
@@ -217,4 +219,55 @@ pub fn bug_task_panic(_ctx: &Context) -> TestOutcome {
     Err(TestFail::Failed(String::from(
         "the panicking task came back",
     )))
+}
+
+/// A task preempted by the timer inside a section at depth 2 with a write queued: the switch
+/// flushes the write and the task resumes at depth 2. Under `lazy=was-lazy-flag` this is Linux
+/// 2023-2025's `BUG` in `enter_lazy(XEN_LAZY_CPU)` (crashes).
+pub fn preempt_nested(_ctx: &Context) -> TestOutcome {
+    let r = Arc::new(marked_region(16, 4)?);
+    let done = Arc::new(AtomicBool::new(false));
+    let (h, d1, d2) = (r.clone(), done.clone(), done.clone());
+    let a = move || -> Result<(), String> {
+        let result = (|| {
+            pte::enter().map_err(|e| e.to_string())?;
+            pte::enter().map_err(|e| e.to_string())?;
+            h.set_pte(0, Map::Frame(1)).map_err(|e| e.to_string())?;
+            let (p0, t0) = (sched::stats().preemptions, time::now_ns());
+            while sched::stats().preemptions == p0 {
+                if time::now_ns() > t0 + 2_000_000_000 {
+                    return Err(String::from("not preempted within 2 s"));
+                }
+                core::hint::spin_loop();
+            }
+            let s = pte::lazy_state();
+            if (s.enable, s.pause) != (2, 0) {
+                return Err(format!("resumed with {s:?}, expected depth 2"));
+            }
+            if !h.live_pte(0).map_err(|e| e.to_string())?.is_present() {
+                return Err(String::from(
+                    "the queued write was not flushed at the switch-out",
+                ));
+            }
+            pte::leave().map_err(|e| e.to_string())?;
+            pte::leave().map_err(|e| e.to_string())
+        })();
+        d1.store(true, Ordering::Relaxed);
+        result
+    };
+    let b = move || -> Result<(), String> {
+        while !d2.load(Ordering::Relaxed) {
+            core::hint::spin_loop();
+        }
+        Ok(())
+    };
+    time::start(1000).map_err(|e| TestFail::Failed(format!("timer: {e}")))?;
+    sched::set_preemption(true);
+    events::unmask();
+    let outcome = run_pair(a, b);
+    events::mask();
+    sched::set_preemption(false);
+    time::stop();
+    outcome?;
+    check_mapped(&r, 0, 1)
 }
