@@ -47,6 +47,7 @@ pub fn timer(ctx: &Context) -> TestOutcome {
     let t0 = time::now_ns();
     let ticks0 = time::ticks();
     let upcalls0 = events::upcalls();
+    let irqs0 = time::interrupts();
     time::start(hz).map_err(|e| failed(format!("timer start: {e}")))?;
     events::unmask();
     let mut last = t0;
@@ -60,10 +61,12 @@ pub fn timer(ctx: &Context) -> TestOutcome {
     time::stop();
     let ticks = time::ticks() - ticks0;
     let expected = hz as u64 / 5;
+    let irqs = time::interrupts() - irqs0;
     println!(
-        "    {ticks} ticks at {hz} Hz in 200 ms of system time (expected {expected}); {} upcalls",
+        "    {ticks} ticks at {hz} Hz in 200 ms of system time (expected {expected}); {irqs} timer interrupts, {} upcalls",
         events::upcalls() - upcalls0
     );
+    ensure!(irqs > 0, "no timer interrupt");
     ensure!(
         ticks * 2 >= expected && ticks <= expected + expected / 5 + 2,
         "{ticks} ticks, expected about {expected}"

@@ -4,10 +4,13 @@
 //! 0's `vcpu_time_info`, read under its version counter (odd while Xen updates it).
 //!
 //! The tick: `VIRQ_TIMER` bound to a port, one-shot absolute deadlines with `set_timer_op`,
-//! each next deadline = the previous one + the period (a late tick catches up instead of
-//! drifting), and the 100 Hz periodic timer a PV vCPU starts with stopped so that it does not
-//! add ticks of its own. On every tick the handler re-arms and runs the tick hooks (in the
-//! upcall, events masked).
+//! each next deadline = the previous one + the period (no drift), and the 100 Hz periodic
+//! timer a PV vCPU starts with stopped so that it does not add ticks of its own. The handler
+//! runs the tick hooks (in the upcall, events masked), then re-arms. [`ticks`] counts the
+//! periods elapsed by the last timer interrupt, so a late interrupt (a stalled host) counts
+//! every tick it covers without firing a burst; and the next deadline is at least half a
+//! period after the handler ends, so the interrupted code always makes progress even where a
+//! handler takes longer than a period (the PV shim under TCG).
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
@@ -63,12 +66,20 @@ pub type TickHook = fn();
 static PORT: AtomicU32 = AtomicU32::new(u32::MAX);
 static PERIOD_NS: AtomicU64 = AtomicU64::new(0);
 static DEADLINE: AtomicU64 = AtomicU64::new(0);
+static START: AtomicU64 = AtomicU64::new(0);
+static TICKS_BASE: AtomicU64 = AtomicU64::new(0);
 static TICKS: AtomicU64 = AtomicU64::new(0);
+static INTERRUPTS: AtomicU64 = AtomicU64::new(0);
 static HOOKS: IrqMutex<[Option<TickHook>; MAX_HOOKS]> = IrqMutex::new([None; MAX_HOOKS]);
 
-/// Ticks since boot.
+/// Ticks since boot (periods elapsed while ticking, as of the last timer interrupt).
 pub fn ticks() -> u64 {
     TICKS.load(Ordering::Relaxed)
+}
+
+/// Timer interrupts handled since boot.
+pub fn interrupts() -> u64 {
+    INTERRUPTS.load(Ordering::Relaxed)
 }
 
 /// The tick rate, 0 when stopped.
@@ -84,15 +95,23 @@ fn on_timer(_port: u32) {
     if period == 0 {
         return;
     }
-    TICKS.fetch_add(1, Ordering::Relaxed);
-    // A deadline already past fires at once: after a stall the ticks catch up.
-    let next = DEADLINE.load(Ordering::Relaxed) + period;
-    DEADLINE.store(next, Ordering::Relaxed);
-    let _ = calls::set_timer_op(next);
+    INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+    let elapsed = now_ns().saturating_sub(START.load(Ordering::Relaxed)) / period;
+    TICKS.fetch_max(
+        TICKS_BASE.load(Ordering::Relaxed) + elapsed,
+        Ordering::Relaxed,
+    );
     let hooks = *HOOKS.lock();
     for h in hooks.into_iter().flatten() {
         h();
     }
+    let earliest = now_ns() + period / 2;
+    let mut next = DEADLINE.load(Ordering::Relaxed) + period;
+    if next < earliest {
+        next += ((earliest - next) / period + 1) * period;
+    }
+    DEADLINE.store(next, Ordering::Relaxed);
+    let _ = calls::set_timer_op(next);
 }
 
 /// Start ticking at `hz` (1 to [`MAX_HZ`]); the first tick comes one period from now.
@@ -107,8 +126,11 @@ pub fn start(hz: u32) -> Result<(), XenError> {
         PORT.store(port, Ordering::Relaxed);
     }
     let period = 1_000_000_000 / hz as u64;
+    let now = now_ns();
+    TICKS_BASE.store(ticks(), Ordering::Relaxed);
+    START.store(now, Ordering::Relaxed);
     PERIOD_NS.store(period, Ordering::Relaxed);
-    let first = now_ns() + period;
+    let first = now + period;
     DEADLINE.store(first, Ordering::Relaxed);
     calls::set_timer_op(first)
 }
