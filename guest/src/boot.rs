@@ -1,5 +1,5 @@
 //! The top of the kernel: from Xen's entry to the test result. Brings the layers up in order
-//! (console, start_info, shared info, traps, M2P, memory), prints the banner, runs what the
+//! (console, start_info, shared info, traps, M2P, memory, the upcall and tasks), prints the banner, runs what the
 //! command line asks for, and powers off.
 
 use hypercalls::abi::{XEN_EXTRAVERSION_LEN, XENVER_EXTRAVERSION, start_info};
@@ -40,6 +40,9 @@ pub unsafe extern "C" fn kernel_start(si: *const start_info, boot_stack_top: u64
     }
     if let Err(e) = crate::mm::init(info) {
         panic!("memory management: {e}");
+    }
+    if let Err(e) = crate::sched::init(panic::failsafe) {
+        panic!("event callbacks: {e}");
     }
     banner(info);
     let verdict = runner::run_from_cmdline(info.cmdline, crate::tests::TESTS, crate::bench::run);

@@ -6,6 +6,8 @@
 //! * [`xen`]: start_info, shared pages, P2M/M2P, console, shutdown;
 //! * [`mm`]: frames, page tables, the page-table write path, [`mm::region::Region`] (the safe
 //!   API), heap;
+//! * [`sched`]: tasks, the round-robin scheduler, preemption from the timer upcall, the
+//!   context-switch rule for lazy MMU state;
 //! * [`framework`]: command line, test runner, panic and fatal-trap reports;
 //! * [`tests`] and [`bench`]: no `unsafe` at all;
 //! * `boot`: brings the layers up and runs what the command line asks for.
@@ -31,5 +33,7 @@ pub mod bench;
 pub mod boot;
 #[cfg(target_os = "none")]
 pub mod mm;
+#[cfg(target_os = "none")]
+pub mod sched;
 #[cfg(target_os = "none")]
 pub mod tests;

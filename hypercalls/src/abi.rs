@@ -3,19 +3,23 @@
 use crate::addr::{MachAddr, Mfn, Pte};
 
 pub use xen_sys::{
+    __HYPERVISOR_callback_op as HYPERVISOR_CALLBACK_OP,
     __HYPERVISOR_console_io as HYPERVISOR_CONSOLE_IO,
     __HYPERVISOR_event_channel_op as HYPERVISOR_EVENT_CHANNEL_OP,
     __HYPERVISOR_iret as HYPERVISOR_IRET, __HYPERVISOR_memory_op as HYPERVISOR_MEMORY_OP,
     __HYPERVISOR_mmu_update as HYPERVISOR_MMU_UPDATE,
     __HYPERVISOR_mmuext_op as HYPERVISOR_MMUEXT_OP, __HYPERVISOR_multicall as HYPERVISOR_MULTICALL,
     __HYPERVISOR_sched_op as HYPERVISOR_SCHED_OP,
+    __HYPERVISOR_set_timer_op as HYPERVISOR_SET_TIMER_OP,
     __HYPERVISOR_set_trap_table as HYPERVISOR_SET_TRAP_TABLE,
     __HYPERVISOR_update_va_mapping as HYPERVISOR_UPDATE_VA_MAPPING,
-    __HYPERVISOR_xen_version as HYPERVISOR_XEN_VERSION, CONSOLEIO_write, EVTCHNOP_send,
-    MMU_NORMAL_PT_UPDATE, MMUEXT_INVLPG_LOCAL, MMUEXT_PIN_L1_TABLE, MMUEXT_PIN_L2_TABLE,
-    MMUEXT_PIN_L3_TABLE, MMUEXT_PIN_L4_TABLE, MMUEXT_TLB_FLUSH_LOCAL, MMUEXT_UNPIN_TABLE,
-    SCHEDOP_shutdown, SCHEDOP_yield, SHUTDOWN_crash, SHUTDOWN_poweroff, SIF_INITDOMAIN, mmu_update,
-    mmuext_op, multicall_entry, shared_info, start_info, trap_info, vcpu_info,
+    __HYPERVISOR_vcpu_op as HYPERVISOR_VCPU_OP, __HYPERVISOR_xen_version as HYPERVISOR_XEN_VERSION,
+    CONSOLEIO_write, EVTCHNOP_bind_ipi, EVTCHNOP_bind_virq, EVTCHNOP_close, EVTCHNOP_send,
+    EVTCHNOP_unmask, MMU_NORMAL_PT_UPDATE, MMUEXT_INVLPG_LOCAL, MMUEXT_PIN_L1_TABLE,
+    MMUEXT_PIN_L2_TABLE, MMUEXT_PIN_L3_TABLE, MMUEXT_PIN_L4_TABLE, MMUEXT_TLB_FLUSH_LOCAL,
+    MMUEXT_UNPIN_TABLE, SCHEDOP_block, SCHEDOP_shutdown, SCHEDOP_yield, SHUTDOWN_crash,
+    SHUTDOWN_poweroff, SIF_INITDOMAIN, VIRQ_TIMER, mmu_update, mmuext_op, multicall_entry,
+    shared_info, start_info, trap_info, vcpu_info, vcpu_time_info,
 };
 
 /// One `mmu_update` request: `ptr` is the machine address of the entry (low 2 bits: command),
@@ -91,6 +95,46 @@ pub struct EvtchnSend {
     pub port: u32,
 }
 
+/// `callback_op` sub-command and callback types (callback.h). Missing from xen-sys.
+pub const CALLBACKOP_REGISTER: u32 = 0;
+pub const CALLBACKTYPE_EVENT: u16 = 0;
+pub const CALLBACKTYPE_FAILSAFE: u16 = 1;
+/// Mask events while the callback runs (the event callback always does).
+pub const CALLBACKF_MASK_EVENTS: u16 = 1;
+
+/// `struct callback_register` (callback.h), x86-64: `xen_callback_t` is an address.
+#[repr(C)]
+pub struct CallbackRegister {
+    pub kind: u16,
+    pub flags: u16,
+    pub pad: u32,
+    pub address: u64,
+}
+
+/// `vcpu_op` sub-command (vcpu.h): stop the vCPU's periodic timer (arg NULL).
+pub const VCPUOP_STOP_PERIODIC_TIMER: u32 = 7;
+
+/// `event_channel_op(EVTCHNOP_bind_virq)` argument; Xen fills in `port`.
+#[repr(C)]
+pub struct EvtchnBindVirq {
+    pub virq: u32,
+    pub vcpu: u32,
+    pub port: u32,
+}
+
+/// `event_channel_op(EVTCHNOP_bind_ipi)` argument; Xen fills in `port`.
+#[repr(C)]
+pub struct EvtchnBindIpi {
+    pub vcpu: u32,
+    pub port: u32,
+}
+
+/// The argument of `EVTCHNOP_unmask` and `EVTCHNOP_close`: one port.
+#[repr(C)]
+pub struct EvtchnPort {
+    pub port: u32,
+}
+
 /// Build an `mmu_update` request writing `val` to the page-table entry at machine address `ptr`.
 pub const fn pt_update(ptr: MachAddr, val: Pte) -> MmuUpdate {
     MmuUpdate {
@@ -141,4 +185,6 @@ const _: () = {
     assert!(core::mem::size_of::<MmuextOp>() == 24);
     assert!(core::mem::size_of::<xen_sys::multicall_entry>() == 64);
     assert!(core::mem::size_of::<xen_sys::trap_info>() == 16);
+    assert!(core::mem::size_of::<CallbackRegister>() == 16);
+    assert!(core::mem::size_of::<xen_sys::vcpu_info>() == 64);
 };

@@ -229,3 +229,102 @@ pub unsafe fn set_trap_table(table: &'static [trap_info]) -> Result<(), XenError
     let ret = unsafe { hypercall(HYPERVISOR_SET_TRAP_TABLE, table.as_ptr() as u64, 0, 0, 0, 0) };
     XenError::check(ret).map(drop)
 }
+
+fn evtchn_op<T>(cmd: u32, arg: &mut T) -> Result<(), XenError> {
+    // SAFETY: every caller passes the argument struct of `cmd`, which outlives the call; Xen
+    // reads it and may write its output fields.
+    let ret = unsafe {
+        hypercall(
+            HYPERVISOR_EVENT_CHANNEL_OP,
+            cmd as u64,
+            arg as *mut T as u64,
+            0,
+            0,
+            0,
+        )
+    };
+    XenError::check(ret).map(drop)
+}
+
+/// `EVTCHNOP_bind_virq`: a port for `virq` on `vcpu`.
+pub fn evtchn_bind_virq(virq: u32, vcpu: u32) -> Result<u32, XenError> {
+    let mut arg = EvtchnBindVirq {
+        virq,
+        vcpu,
+        port: 0,
+    };
+    evtchn_op(EVTCHNOP_bind_virq, &mut arg).map(|()| arg.port)
+}
+
+/// `EVTCHNOP_bind_ipi`: a port that `evtchn_send` raises on `vcpu`.
+pub fn evtchn_bind_ipi(vcpu: u32) -> Result<u32, XenError> {
+    let mut arg = EvtchnBindIpi { vcpu, port: 0 };
+    evtchn_op(EVTCHNOP_bind_ipi, &mut arg).map(|()| arg.port)
+}
+
+/// `EVTCHNOP_unmask`: clear the port's mask bit and deliver it if pending (a plain store to
+/// the mask bit would not).
+pub fn evtchn_unmask(port: u32) -> Result<(), XenError> {
+    evtchn_op(EVTCHNOP_unmask, &mut EvtchnPort { port })
+}
+
+/// `EVTCHNOP_close`.
+pub fn evtchn_close(port: u32) -> Result<(), XenError> {
+    evtchn_op(EVTCHNOP_close, &mut EvtchnPort { port })
+}
+
+/// `callback_op(CALLBACKOP_register)`: where Xen delivers events (`CALLBACKTYPE_EVENT`) or
+/// reports a segment it could not load (`CALLBACKTYPE_FAILSAFE`).
+///
+/// # Safety
+/// `address` must be an entry stub that handles Xen's callback frame for `kind`.
+pub unsafe fn register_callback(kind: u16, flags: u16, address: u64) -> Result<(), XenError> {
+    let arg = CallbackRegister {
+        kind,
+        flags,
+        pad: 0,
+        address,
+    };
+    // SAFETY: Xen reads the struct, which outlives the call; the caller vouches for the entry.
+    let ret = unsafe {
+        hypercall(
+            HYPERVISOR_CALLBACK_OP,
+            CALLBACKOP_REGISTER as u64,
+            &arg as *const _ as u64,
+            0,
+            0,
+            0,
+        )
+    };
+    XenError::check(ret).map(drop)
+}
+
+/// `set_timer_op(deadline)`: one VIRQ_TIMER at system time `deadline_ns` (0 cancels). A past
+/// deadline fires at once.
+pub fn set_timer_op(deadline_ns: u64) -> Result<(), XenError> {
+    // SAFETY: no pointer arguments.
+    let ret = unsafe { hypercall(HYPERVISOR_SET_TIMER_OP, deadline_ns, 0, 0, 0, 0) };
+    XenError::check(ret).map(drop)
+}
+
+/// `vcpu_op(VCPUOP_stop_periodic_timer, vcpu)`: stop the 100 Hz tick a PV vCPU starts with.
+pub fn stop_periodic_timer(vcpu: u32) -> Result<(), XenError> {
+    // SAFETY: this sub-command takes no argument struct.
+    let ret = unsafe {
+        hypercall(
+            HYPERVISOR_VCPU_OP,
+            VCPUOP_STOP_PERIODIC_TIMER as u64,
+            vcpu as u64,
+            0,
+            0,
+            0,
+        )
+    };
+    XenError::check(ret).map(drop)
+}
+
+/// `sched_op(SCHEDOP_block)`: sleep until an event is pending (Xen unmasks events).
+pub fn block() {
+    // SAFETY: no pointer arguments.
+    unsafe { hypercall(HYPERVISOR_SCHED_OP, SCHEDOP_block as u64, 0, 0, 0, 0) };
+}

@@ -1,9 +1,11 @@
 //! The lowest layer of the kernel: what the CPU and the image are. Entry stack and image
-//! bounds, the trap table and its stubs, fault probes, the frame-pointer backtrace. Nothing here
+//! bounds, the trap table and its stubs, the event upcall and context switches, fault probes,
+//! the frame-pointer backtrace. Nothing here
 //! knows about Xen's shared pages, the console or memory management: what a trap needs from
 //! above (the fault address, what to do with a fatal trap) is handed in by [`traps::install`].
 
 pub mod backtrace;
+pub mod context;
 pub mod entry;
 pub mod probe;
 pub mod traps;

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod strategies;
+mod switch;
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -236,7 +237,8 @@ pub fn run(options: &Options) -> Verdict {
     println!("BENCH-REPS {}", options.reps);
     let result = strategy_rows(options, &region)
         .and_then(|()| type_change_rows(options))
-        .and_then(|()| tlb_rows(options, &region));
+        .and_then(|()| tlb_rows(options, &region))
+        .and_then(|()| switch::rows(options));
     match result {
         Ok(()) => Verdict::Success,
         Err(e) => {

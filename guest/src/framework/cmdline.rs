@@ -4,7 +4,10 @@
 //! | --- | --- |
 //! | `list` | list the in-guest tests and stop |
 //! | `tests=a,b` | run only these tests, in this order |
-//! | `lazy=nested` / `lazy=strict` | lazy-MMU nesting model: current Linux (default), or the 6.6-rc one where a nested enter is a `BUG` |
+//! | `lazy=nested` / `lazy=strict` / `lazy=was-lazy-flag` | lazy-MMU model: current Linux (default); the 6.6-rc one where a nested enter is a `BUG`; or Linux 2023-2025's per-CPU counter with a per-task "was lazy" flag, where a task switched out at depth >= 2 is a `BUG` |
+//! | `irq=immediate` / `irq=batch` | interrupt handlers' page-table writes: at once (Linux, default), or joining the interrupted code's batch (the old bug) |
+//! | `preempt` | shorthand for `tests=preempt` |
+//! | `tasks=T` `hz=H` | parameters of the preempt test: tasks 1 to 8 (default 3), tick rate 1 to 20000 Hz (default 1000) |
 //! | `stress` | shorthand for `tests=stress` |
 //! | `seed=N` `ops=M` `depth=D` | parameters of the stress test: seed 0 to 2^64 - 1 (default 1), ops 1 to 50000 (default 2000), depth 1 to 64 (default 8) |
 //! | `bench` | run the benchmark instead of the tests |
@@ -24,6 +27,10 @@ use core::num::IntErrorKind;
 pub const MAX_STRESS_OPS: u32 = 50_000;
 /// Most nesting depth of a stress program.
 pub const MAX_STRESS_DEPTH: u32 = 64;
+/// Most tasks of the preempt test.
+pub const MAX_TASKS: u32 = 8;
+/// Highest tick rate (Hz).
+pub const MAX_HZ: u32 = 20_000;
 /// Most benchmark repetitions per point.
 pub const MAX_REPS: u32 = 1000;
 /// Size of `start_info.cmd_line` (Xen's `MAX_GUEST_CMDLINE`), the NUL included.
@@ -38,6 +45,12 @@ pub struct Options<'a> {
     /// `None`: every test.
     pub tests: Option<Vec<&'a str>>,
     pub strict_lazy: bool,
+    /// `lazy=was-lazy-flag`: the 2023-2025 switch rule.
+    pub was_lazy_flag: bool,
+    /// `irq=batch`: handlers' writes join the interrupted batch.
+    pub irq_batch: bool,
+    pub tasks: u32,
+    pub hz: u32,
     pub seed: u64,
     pub ops: u32,
     pub depth: u32,
@@ -51,6 +64,10 @@ impl Default for Options<'_> {
             list: false,
             tests: None,
             strict_lazy: false,
+            was_lazy_flag: false,
+            irq_batch: false,
+            tasks: 3,
+            hz: 1000,
             seed: 1,
             ops: 2000,
             depth: 8,
@@ -101,7 +118,7 @@ impl fmt::Display for CmdlineError<'_> {
         match self {
             CmdlineError::UnknownOption(word) => write!(
                 f,
-                "unknown option '{word}' (known: list, tests=a,b, lazy=nested|strict, stress, seed=N, ops=N, depth=N, bench, reps=N)"
+                "unknown option '{word}' (known: list, tests=a,b, lazy=nested|strict|was-lazy-flag, irq=immediate|batch, stress, preempt, seed=N, ops=N, depth=N, tasks=N, hz=N, bench, reps=N)"
             ),
             CmdlineError::BadValue {
                 key,
@@ -124,7 +141,7 @@ impl fmt::Display for CmdlineError<'_> {
             ),
             CmdlineError::Clash { first, second } => write!(
                 f,
-                "'{first}' and '{second}' clash: each chooses what runs (give one of list, bench, tests=/stress)"
+                "'{first}' and '{second}' clash: each chooses what runs (give one of list, bench, tests=/stress/preempt)"
             ),
             CmdlineError::TooLong { len } => write!(
                 f,
@@ -194,8 +211,12 @@ enum Kind {
     List,
     Tests,
     Stress,
+    Preempt,
     Bench,
     Lazy,
+    Irq,
+    Tasks,
+    Hz,
     Seed,
     Ops,
     Depth,
@@ -204,7 +225,10 @@ enum Kind {
 
 impl Kind {
     fn chooses_what_runs(self) -> bool {
-        matches!(self, Kind::List | Kind::Tests | Kind::Stress | Kind::Bench)
+        matches!(
+            self,
+            Kind::List | Kind::Tests | Kind::Stress | Kind::Preempt | Kind::Bench
+        )
     }
 }
 
@@ -222,8 +246,12 @@ pub fn parse(cmdline: &str) -> Result<Options<'_>, CmdlineError<'_>> {
             ("list", None) => Kind::List,
             ("tests", Some(_)) => Kind::Tests,
             ("stress", None) => Kind::Stress,
+            ("preempt", None) => Kind::Preempt,
             ("bench", None) => Kind::Bench,
             ("lazy", Some(_)) => Kind::Lazy,
+            ("irq", Some(_)) => Kind::Irq,
+            ("tasks", Some(_)) => Kind::Tasks,
+            ("hz", Some(_)) => Kind::Hz,
             ("seed", Some(_)) => Kind::Seed,
             ("ops", Some(_)) => Kind::Ops,
             ("depth", Some(_)) => Kind::Depth,
@@ -248,6 +276,7 @@ pub fn parse(cmdline: &str) -> Result<Options<'_>, CmdlineError<'_>> {
         match (key, value) {
             ("list", None) => o.list = true,
             ("stress", None) => o.tests = Some(alloc::vec!["stress"]),
+            ("preempt", None) => o.tests = Some(alloc::vec!["preempt"]),
             ("bench", None) => o.bench = true,
             ("tests", Some(v)) => {
                 let names: Vec<&str> = v.split(',').collect();
@@ -262,12 +291,32 @@ pub fn parse(cmdline: &str) -> Result<Options<'_>, CmdlineError<'_>> {
             }
             ("lazy", Some("strict")) => o.strict_lazy = true,
             ("lazy", Some("nested")) => o.strict_lazy = false,
+            ("lazy", Some("was-lazy-flag")) => o.was_lazy_flag = true,
             ("lazy", Some(v)) => {
                 return Err(CmdlineError::BadValue {
                     key,
                     value: v,
-                    expected: "nested or strict",
+                    expected: "nested, strict or was-lazy-flag",
                 });
+            }
+            ("irq", Some("immediate")) => o.irq_batch = false,
+            ("irq", Some("batch")) => o.irq_batch = true,
+            ("irq", Some(v)) => {
+                return Err(CmdlineError::BadValue {
+                    key,
+                    value: v,
+                    expected: "immediate or batch",
+                });
+            }
+            ("tasks", Some(v)) => {
+                o.tasks = number(key, v, "an integer from 1 to 8", |n: &u32| {
+                    (1..=MAX_TASKS).contains(n)
+                })?
+            }
+            ("hz", Some(v)) => {
+                o.hz = number(key, v, "an integer from 1 to 20000", |n: &u32| {
+                    (1..=MAX_HZ).contains(n)
+                })?
             }
             ("seed", Some(v)) => {
                 o.seed = number(
@@ -413,6 +462,53 @@ mod tests {
         assert!(parse("stress seed=3 ops=10 depth=2 lazy=strict").is_ok());
         assert!(parse("bench reps=3").is_ok());
         assert!(parse("tests=stress,heap seed=9").is_ok());
+    }
+
+    #[test]
+    fn preempt_options_and_historical_models() {
+        let o = parse("preempt seed=3 tasks=4 hz=2000 ops=100 depth=4").unwrap();
+        assert_eq!(o.tests, Some(vec!["preempt"]));
+        assert_eq!(
+            (o.seed, o.tasks, o.hz, o.ops, o.depth),
+            (3, 4, 2000, 100, 4)
+        );
+        let d = Options::default();
+        assert_eq!(
+            (d.tasks, d.hz, d.was_lazy_flag, d.irq_batch),
+            (3, 1000, false, false)
+        );
+        assert!(parse("lazy=was-lazy-flag").unwrap().was_lazy_flag);
+        assert!(parse("irq=batch").unwrap().irq_batch);
+        assert!(!parse("irq=immediate").unwrap().irq_batch);
+        for (line, needle) in [
+            ("tasks=0", "1 to 8"),
+            ("tasks=9", "1 to 8"),
+            ("hz=0", "1 to 20000"),
+            ("hz=20001", "1 to 20000"),
+            ("irq=later", "immediate or batch"),
+            ("lazy=flag", "was-lazy-flag"),
+        ] {
+            let e = parse(line).unwrap_err();
+            assert!(matches!(e, CmdlineError::BadValue { .. }), "{line}: {e:?}");
+            assert!(e.to_string().contains(needle), "{line}: {e}");
+        }
+        assert!(parse("tasks=1 hz=20000").is_ok());
+        assert!(matches!(
+            parse("preempt stress"),
+            Err(CmdlineError::Clash { .. })
+        ));
+        assert!(matches!(
+            parse("preempt tests=timer"),
+            Err(CmdlineError::Clash { .. })
+        ));
+        assert!(matches!(
+            parse("hz=5 hz=6"),
+            Err(CmdlineError::Repeated { .. })
+        ));
+        assert!(matches!(
+            parse("irq=batch irq=batch"),
+            Err(CmdlineError::Repeated { .. })
+        ));
     }
 
     #[test]

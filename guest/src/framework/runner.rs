@@ -94,6 +94,18 @@ pub fn run_from_cmdline(
         }
     };
     crate::mm::pte::set_strict(options.strict_lazy);
+    crate::mm::pte::set_rules(lazy_mmu::Rules {
+        switch: if options.was_lazy_flag {
+            lazy_mmu::SwitchRule::WasLazyFlag
+        } else {
+            lazy_mmu::SwitchRule::PerTask
+        },
+        irq: if options.irq_batch {
+            lazy_mmu::IrqRule::BatchIntoInterrupted
+        } else {
+            lazy_mmu::IrqRule::Immediate
+        },
+    });
     if options.list {
         println!("{} tests:", registry.len());
         for t in registry {

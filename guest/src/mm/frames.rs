@@ -87,13 +87,14 @@ struct FrameAllocator {
     allocated: u64,
 }
 
-static FRAMES: spin::Mutex<FrameAllocator> = spin::Mutex::new(FrameAllocator {
-    next_pfn: 0,
-    mapped_end_pfn: 0,
-    nr_pages: 0,
-    free_head: 0,
-    allocated: 0,
-});
+static FRAMES: crate::xen::events::IrqMutex<FrameAllocator> =
+    crate::xen::events::IrqMutex::new(FrameAllocator {
+        next_pfn: 0,
+        mapped_end_pfn: 0,
+        nr_pages: 0,
+        free_head: 0,
+        allocated: 0,
+    });
 
 /// What the allocator has done so far.
 #[derive(Clone, Copy, Debug)]

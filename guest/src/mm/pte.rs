@@ -16,29 +16,35 @@ use alloc::vec::Vec;
 
 use hypercalls::abi::UVMF_INVLPG;
 use hypercalls::{MachAddr, Pfn, Pte};
-use lazy_mmu::{Counters, LazyMmu, MmuError, Refusal, SetPtesRule, TableOp, check_set_ptes};
+use lazy_mmu::{
+    Counters, LazyMmu, LazyState, MmuError, Refusal, Rules, SetPtesRule, TableOp, TaskLazy,
+    check_set_ptes,
+};
 use x86_64::VirtAddr;
 use x86_64::structures::paging::PageTableFlags;
 
 use super::MmError;
 use super::xen_hv::XenHv;
+use crate::xen::events::{IrqMutex, IrqMutexGuard};
 use crate::xen::{boot_info, p2m};
 
 /// Most vCPUs the per-vCPU state is sized for (the guest brings up one).
 pub const MAX_VCPUS: usize = 1;
 
 /// One vCPU's lazy-MMU state behind its lock.
-struct PerCpuLazy(spin::Mutex<LazyMmu<XenHv>>);
+struct PerCpuLazy(IrqMutex<LazyMmu<XenHv>>);
 
 // SAFETY: the only part that is not Send is the raw `vcpumask` pointer inside the union of
 // queued `mmuext_op` values; no queued op uses it (`TableOp` has no multi-vCPU flush), and the
 // queue only copies the values to Xen.
 unsafe impl Sync for PerCpuLazy {}
 
-static LAZY: [PerCpuLazy; MAX_VCPUS] = [PerCpuLazy(spin::Mutex::new(LazyMmu::new(XenHv::new())))];
+static LAZY: [PerCpuLazy; MAX_VCPUS] = [PerCpuLazy(IrqMutex::new(LazyMmu::new(XenHv::new())))];
 
-/// The current vCPU's lazy-MMU state. The guest runs on vCPU 0 only.
-fn this_cpu() -> spin::MutexGuard<'static, LazyMmu<XenHv>> {
+/// The current vCPU's lazy-MMU state, with events masked while it is held (so an upcall never
+/// finds it taken, and no task is switched out in the middle of a batch operation). The guest
+/// runs on vCPU 0 only.
+fn this_cpu() -> IrqMutexGuard<'static, LazyMmu<XenHv>> {
     LAZY[0].0.lock()
 }
 
@@ -86,6 +92,11 @@ pub fn pause() -> Result<(), MmuError> {
 pub fn resume() {
     let r = this_cpu().resume();
     let _ = bug_on_misuse(r);
+}
+
+/// Flush the batch now, reporting the refusals not yet reported (Linux: `arch_flush_lazy_mmu_mode`).
+pub fn flush() -> Result<(), MmuError> {
+    this_cpu().flush()
 }
 
 pub fn is_active() -> bool {
@@ -268,4 +279,45 @@ pub fn live_pte(ptep: MachAddr) -> Result<Pte, MmError> {
         .hypervisor()
         .read_pte(ptep)
         .map_err(|e| MmError::ForeignFrame { maddr: e.ptr })
+}
+
+/// Choose the rules for switches and interrupts (`lazy=was-lazy-flag`, `irq=batch` restore
+/// the historical ones).
+pub fn set_rules(rules: Rules) {
+    this_cpu().set_rules(rules);
+}
+
+pub fn rules() -> Rules {
+    this_cpu().rules()
+}
+
+/// Switch the running task out (Linux: `xen_start_context_switch`): flush its batch, keep its
+/// refusals with its state. Only the scheduler calls this, with events masked.
+pub fn switch_out() -> Result<TaskLazy, MmuError> {
+    this_cpu().switch_out()
+}
+
+/// Switch a task in (Linux: `xen_end_context_switch`): batching resumes at its depth.
+pub fn switch_in(task: TaskLazy) -> Result<(), MmuError> {
+    this_cpu().switch_in(task)
+}
+
+/// An interrupt handler starts: lazy mode is off until [`irq_exit`].
+pub fn irq_enter() {
+    this_cpu().irq_enter();
+}
+
+/// The handler ends.
+pub fn irq_exit() -> Result<(), MmuError> {
+    this_cpu().irq_exit()
+}
+
+pub fn in_interrupt() -> bool {
+    this_cpu().in_interrupt()
+}
+
+/// The running task's section state (enable and pause counts), also inside a handler (the
+/// interrupted task's).
+pub fn lazy_state() -> LazyState {
+    this_cpu().state()
 }

@@ -21,6 +21,7 @@ use super::pte::{self, KERNEL_RO, KERNEL_RW};
 use super::xen_hv::XenHv;
 use super::{MmError, memory};
 use crate::arch::probe::{self, Fault};
+use crate::xen::events::IrqMutex;
 use crate::xen::p2m;
 
 /// The L4 slot for regions (512 GiB), one region per 1 GiB chunk (one L2 table's span).
@@ -33,7 +34,7 @@ pub const TABLE_PAGES: u64 = 512;
 /// spare tables ([`Region::hook_spare`]).
 pub const MAX_TABLES: u64 = 256;
 
-static CHUNKS_IN_USE: spin::Mutex<[bool; CHUNKS]> = spin::Mutex::new([false; CHUNKS]);
+static CHUNKS_IN_USE: IrqMutex<[bool; CHUNKS]> = IrqMutex::new([false; CHUNKS]);
 
 /// What a region page is made to map. Each value is either the region's own frame or one Xen
 /// always refuses, so no value can alias memory someone else uses.
@@ -421,6 +422,25 @@ impl Region {
         }
         self.frame_mfn(k)?;
         Ok(self.frames[k as usize].va().as_u64() + word * 8)
+    }
+
+    /// Read word `word` of `page` through the region's own mapping without a probe, for code
+    /// that must find the page mapped (an interrupt handler using the scratch page it just
+    /// mapped): a page that is not mapped is a fatal #PF, reported by the trap handler.
+    pub fn read_mapped(&self, page: u64, word: u64) -> Result<u64, MmError> {
+        self.check_page(page)?;
+        if word >= PAGE_SIZE / 8 {
+            return Err(MmError::OutOfRange {
+                what: "word",
+                value: word,
+                limit: PAGE_SIZE / 8,
+            });
+        }
+        let va = self.va_unchecked(page).as_u64() + word * 8;
+        // SAFETY: the address is the region's own, which maps only the region's frames (kept
+        // until the region is dropped) or nothing, in which case the read faults and the fault
+        // ends the domain; a volatile read forms no reference.
+        Ok(unsafe { core::ptr::read_volatile(va as *const u64) })
     }
 
     /// Read word `word` of `page` through the region's own mapping, or the fault it raises.

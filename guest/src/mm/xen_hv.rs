@@ -131,7 +131,7 @@ fn marshal(entry: &Entry, batch: &Batch<'_>, done: &mut u32) -> MulticallEntry {
 
 /// The window for reading a frame that neither the boot mapping nor the direct map covers yet.
 static PEEK_SLOT: SharedPageSlot = SharedPageSlot::new();
-static PEEK_LOCK: spin::Mutex<()> = spin::Mutex::new(());
+static PEEK_LOCK: crate::xen::events::IrqMutex<()> = crate::xen::events::IrqMutex::new(());
 
 /// Read the entry at machine address `ptr` of one of the domain's frames through a temporary
 /// read-only mapping (two hypercalls). Public for the tests, which compare it with

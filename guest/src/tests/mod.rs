@@ -11,10 +11,13 @@ mod eager;
 mod faults;
 mod frames;
 mod heap;
+mod interrupts;
 mod nesting;
+mod preempt;
 mod refusals;
 mod set_ptes;
 mod stress;
+mod tasks;
 mod util;
 
 const fn test(
@@ -134,6 +137,51 @@ pub static TESTS: &[TestCase] = &[
         "stress",
         "seeded random lazy-MMU programs checked against a shadow (seed= ops= depth=)",
         stress::stress,
+    ),
+    test(
+        "timer",
+        "VIRQ_TIMER with one-shot deadlines ticks at hz= (default 1000) for 200 ms",
+        interrupts::timer,
+    ),
+    test(
+        "upcall_in_lazy",
+        "an upcall inside a section: lazy mode off in the handler, the queue untouched",
+        interrupts::upcall_in_lazy,
+    ),
+    test(
+        "irq_scratch_page",
+        "a handler maps, reads and unmaps its scratch page next to queued writes",
+        interrupts::irq_scratch_page,
+    ),
+    test(
+        "irq_write_order",
+        "a handler's write lands first, the queued one overwrites it; a handler's read flushes",
+        interrupts::irq_write_order,
+    ),
+    test(
+        "switch_depths",
+        "task switches at depth 0, 1, 2, 3 and paused: flushed, state kept, batching resumed",
+        tasks::switch_depths,
+    ),
+    test(
+        "refusal_stays_with_task",
+        "a refusal flushed by A's switch-out is reported by A's leave, not to B",
+        tasks::refusal_stays_with_task,
+    ),
+    test(
+        "preempt_nested",
+        "a task preempted by the timer at depth 2: write flushed, depth kept",
+        tasks::preempt_nested,
+    ),
+    test(
+        "preempt",
+        "seeded programs in preempted tasks, a handler writing its range (seed= tasks= hz= ops= depth=)",
+        preempt::preempt,
+    ),
+    crash(
+        "bug_task_panic",
+        "a task that panics is reported with its name",
+        tasks::bug_task_panic,
     ),
     crash(
         "bug_privileged_instruction",

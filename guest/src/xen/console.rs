@@ -37,7 +37,7 @@ pub fn bytes_accepted() -> u64 {
     BYTES_ACCEPTED.load(Ordering::SeqCst)
 }
 
-static CONSOLE: spin::Mutex<Console> = spin::Mutex::new(Console);
+static CONSOLE: super::events::IrqMutex<Console> = super::events::IrqMutex::new(Console);
 /// Chosen once at boot.
 static BACKEND: spin::Once<Backend> = spin::Once::new();
 

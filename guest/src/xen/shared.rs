@@ -104,3 +104,9 @@ pub fn fault_address() -> u64 {
     // writes before delivering #PF.
     unsafe { core::ptr::read_volatile(&raw const (*si).vcpu_info[0].arch.cr2) }
 }
+
+/// The shared-info page, once mapped (events, time and the fault address live there).
+pub(super) fn shared_info_ptr() -> Option<*mut shared_info> {
+    SHARED_INFO_MAPPED.get()?;
+    Some(SHARED_INFO_SLOT.va() as *mut shared_info)
+}

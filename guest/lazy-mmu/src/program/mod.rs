@@ -15,7 +15,7 @@ mod run;
 
 pub use generate::{GenError, GenOptions, MIN_OPS, Op, check, generate, generate_with};
 pub use rng::Rng;
-pub use run::{Observer, RunStats, Shadow, compare, run, run_with};
+pub use run::{Observer, RunStats, Shadow, Stepper, compare, run, run_with};
 
 use hypercalls::{MachAddr, Pte};
 use x86_64::VirtAddr;

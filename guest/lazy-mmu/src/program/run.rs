@@ -163,71 +163,129 @@ pub fn run_with<H: Hypervisor, const E: usize, const R: usize>(
     program: &[Op],
     observer: &mut impl Observer<H, E, R>,
 ) -> Result<RunStats, String> {
-    let slots = program.iter().map(op_end).max().unwrap_or(0);
-    let mut values = Vec::with_capacity(slots);
-    for slot in 0..slots {
-        let val = lazy
-            .read_pte(layout.pte_ptr(slot))
-            .map_err(|e| format!("slot {slot}: {e}"))?;
-        values.push(val);
+    let mut stepper = Stepper::new(lazy, layout, program)?;
+    for op in program {
+        stepper.step(lazy, layout, op, observer)?;
     }
-    let mut shadow = Shadow::new(values);
-    let mut stats = RunStats::default();
-    let start = lazy.counters();
-    // Slots of the queued requests, oldest first (what the queue holds is always the newest
-    // `queued_requests()` writes; requests queued before the run are unknown).
-    let mut queued: Vec<usize> = vec![usize::MAX; lazy.queued_requests()];
-    let mut refusals = Refusals::default();
+    stepper.finish(lazy)
+}
 
-    for (index, op) in program.iter().enumerate() {
+/// A program run one op at a time ([`run_with`] is `new`, `step` for each op, `finish`), so
+/// that the caller can let go of the batch between ops: a task of a preemptible kernel runs
+/// each op with the per-vCPU batch locked and may be switched out between them. A switch
+/// flushes the queue (the task's refusals stay with its state), which the stepper allows for:
+/// the checks are the same as [`run_with`]'s.
+pub struct Stepper {
+    shadow: Shadow,
+    stats: RunStats,
+    start: crate::counters::Counters,
+    /// Slots of the queued requests, oldest first (what the queue holds is always the newest
+    /// `queued_requests()` writes; requests queued before the run are unknown).
+    queued: Vec<usize>,
+    refusals: Refusals,
+    index: usize,
+}
+
+impl Stepper {
+    /// Read the slots `program` touches into the shadow.
+    pub fn new<H: Hypervisor, const E: usize, const R: usize>(
+        lazy: &mut LazyMmu<H, E, R>,
+        layout: &impl Layout,
+        program: &[Op],
+    ) -> Result<Stepper, String> {
+        let slots = program.iter().map(op_end).max().unwrap_or(0);
+        let mut values = Vec::with_capacity(slots);
+        for slot in 0..slots {
+            let val = lazy
+                .read_pte(layout.pte_ptr(slot))
+                .map_err(|e| format!("slot {slot}: {e}"))?;
+            values.push(val);
+        }
+        Ok(Stepper {
+            shadow: Shadow::new(values),
+            stats: RunStats::default(),
+            start: lazy.counters(),
+            queued: vec![usize::MAX; lazy.queued_requests()],
+            refusals: Refusals::default(),
+            index: 0,
+        })
+    }
+
+    /// What every slot must hold once the queue is flushed.
+    pub fn shadow(&self) -> &Shadow {
+        &self.shadow
+    }
+
+    /// Ops run so far.
+    pub fn ops_done(&self) -> usize {
+        self.index
+    }
+
+    /// Run the next op (`op`) and check its result against the shadow and the reporting rule.
+    pub fn step<H: Hypervisor, const E: usize, const R: usize>(
+        &mut self,
+        lazy: &mut LazyMmu<H, E, R>,
+        layout: &impl Layout,
+        op: &Op,
+        observer: &mut impl Observer<H, E, R>,
+    ) -> Result<(), String> {
+        let index = self.index;
+        self.index += 1;
+        // A switch since the last op flushed what was queued.
+        let q = lazy.queued_requests();
+        if self.queued.len() > q {
+            self.queued.drain(..self.queued.len() - q);
+        }
         let fail = |e: &dyn core::fmt::Display| format!("op {index} ({op:?}): {e}");
-        observer.before_op(index, op, lazy, &shadow);
+        observer.before_op(index, op, lazy, &self.shadow);
         let active = lazy.is_active();
         let before = lazy.counters().hypercalls;
         // Does this call end the batching, i.e. must it report every refusal not yet reported?
         let (result, ends_batching) = match *op {
             Op::Enter => {
-                stats.enters += 1;
+                self.stats.enters += 1;
                 (lazy.enter(), false)
             }
             Op::Leave => {
                 if active && lazy.depth() > 1 {
-                    stats.nested_leaves += 1;
+                    self.stats.nested_leaves += 1;
                 }
-                stats.leaves += 1;
+                self.stats.leaves += 1;
                 let outermost = active && lazy.depth() == 1;
                 (lazy.leave(), outermost)
             }
             Op::SetPte { slot, frame } => {
-                count_write(&mut stats, &mut queued, active, slot, 1);
+                count_write(&mut self.stats, &mut self.queued, active, slot, 1);
                 let val = layout.pte_value(frame);
-                shadow.set(slot, val);
+                self.shadow.set(slot, val);
                 (
                     lazy.set_pte(layout.pte_ptr(slot), val, layout.va(slot)),
                     !active,
                 )
             }
             Op::Clear { slot } => {
-                count_write(&mut stats, &mut queued, active, slot, 1);
-                shadow.set(slot, Pte::NONE);
+                count_write(&mut self.stats, &mut self.queued, active, slot, 1);
+                self.shadow.set(slot, Pte::NONE);
                 (
                     lazy.set_pte(layout.pte_ptr(slot), Pte::NONE, layout.va(slot)),
                     !active,
                 )
             }
             Op::Bad { slot } => {
-                count_write(&mut stats, &mut queued, active, slot, 1);
-                stats.refused_writes += 1;
+                count_write(&mut self.stats, &mut self.queued, active, slot, 1);
+                self.stats.refused_writes += 1;
                 let (ptr, val, va) = (layout.pte_ptr(slot), layout.bad_value(), layout.va(slot));
-                refusals.unreported.push(Request::SetPte { ptr, val, va });
+                self.refusals
+                    .unreported
+                    .push(Request::SetPte { ptr, val, va });
                 (lazy.set_pte(ptr, val, va), !active)
             }
             Op::SetPtes { slot, nr, frame } => {
                 for i in 0..nr {
-                    shadow.set(slot + i, layout.pte_value(frame + i));
+                    self.shadow.set(slot + i, layout.pte_value(frame + i));
                 }
                 let batched = !lazy.is_paused();
-                count_write(&mut stats, &mut queued, batched, slot, nr);
+                count_write(&mut self.stats, &mut self.queued, batched, slot, nr);
                 let result = lazy.set_ptes(layout.va(slot), layout.pte_ptr(slot), nr as u64, |i| {
                     layout.pte_value(frame + i as usize)
                 });
@@ -235,33 +293,33 @@ pub fn run_with<H: Hypervisor, const E: usize, const R: usize>(
                 (result, !active && batched)
             }
             Op::Flush => {
-                stats.flushes += 1;
+                self.stats.flushes += 1;
                 (lazy.flush(), true)
             }
             Op::Pause => {
-                stats.pauses += 1;
+                self.stats.pauses += 1;
                 (lazy.pause(), active)
             }
             Op::Resume => (lazy.resume(), false),
             Op::Read { slot } => {
-                stats.reads += 1;
-                if active && queued.contains(&slot) {
-                    stats.hazard_reads += 1;
+                self.stats.reads += 1;
+                if active && self.queued.contains(&slot) {
+                    self.stats.hazard_reads += 1;
                 }
                 let found = lazy.read_pte(layout.pte_ptr(slot)).map_err(|e| fail(&e))?;
-                let expected = shadow.get(slot);
+                let expected = self.shadow.get(slot);
                 if found != expected {
                     return Err(fail(&format_args!(
-                        "read {found}, the shadow holds {expected} (pte maddr {})",
+                        "read {found}, the self.shadow holds {expected} (pte maddr {})",
                         layout.pte_ptr(slot)
                     )));
                 }
                 (Ok(()), false)
             }
             Op::FlushTlb | Op::Invlpg { .. } => {
-                stats.tlb_ops += 1;
+                self.stats.tlb_ops += 1;
                 if active {
-                    stats.batched_tlb_ops += 1;
+                    self.stats.batched_tlb_ops += 1;
                 }
                 let tlb = match *op {
                     Op::Invlpg { slot } => TableOp::InvlpgLocal(layout.va(slot)),
@@ -270,17 +328,18 @@ pub fn run_with<H: Hypervisor, const E: usize, const R: usize>(
                 (lazy.table_op(tlb), !active)
             }
         };
-        let reported = refusals
+        let reported = self
+            .refusals
             .settle(lazy, result, ends_batching)
             .map_err(|e| fail(&e))?;
-        stats.reported_refusals += reported;
+        self.stats.reported_refusals += reported;
         *match op {
-            Op::Leave | Op::SetPtes { .. } => &mut stats.reported_by_leave,
-            Op::Flush => &mut stats.reported_by_flush,
-            Op::Pause => &mut stats.reported_by_pause,
-            _ => &mut stats.reported_at_once,
+            Op::Leave | Op::SetPtes { .. } => &mut self.stats.reported_by_leave,
+            Op::Flush => &mut self.stats.reported_by_flush,
+            Op::Pause => &mut self.stats.reported_by_pause,
+            _ => &mut self.stats.reported_at_once,
         } += reported;
-        stats.most_reported_by_one_call = stats.most_reported_by_one_call.max(reported);
+        self.stats.most_reported_by_one_call = self.stats.most_reported_by_one_call.max(reported);
         let made = lazy.counters().hypercalls - before;
         let single = matches!(
             op,
@@ -292,38 +351,44 @@ pub fn run_with<H: Hypervisor, const E: usize, const R: usize>(
                 | Op::Invlpg { .. }
         );
         if active && single {
-            stats.lazy_hypercalls += made;
+            self.stats.lazy_hypercalls += made;
         }
         let q = lazy.queued_requests();
-        if queued.len() > q {
-            queued.drain(..queued.len() - q);
+        if self.queued.len() > q {
+            self.queued.drain(..self.queued.len() - q);
         }
-        stats.ops += 1;
-        stats.max_depth = stats.max_depth.max(lazy.depth());
+        self.stats.ops += 1;
+        self.stats.max_depth = self.stats.max_depth.max(lazy.depth());
         if matches!(op, Op::Leave | Op::SetPtes { .. }) {
             observer
-                .after_leave(lazy, &shadow)
+                .after_leave(lazy, &self.shadow)
                 .map_err(|e| fail(&format_args!("after leave: {e}")))?;
         }
         observer
-            .after_op(index, op, lazy, &shadow)
+            .after_op(index, op, lazy, &self.shadow)
             .map_err(|e| fail(&e))?;
-    }
-    if !refusals.unreported.is_empty() {
-        return Err(format!(
-            "{} refused write(s), {} reported: {} never reported",
-            stats.refused_writes,
-            stats.reported_refusals,
-            refusals.unreported.len()
-        ));
+        Ok(())
     }
 
-    stats.refusal_error = refusals.error;
-
-    let end = lazy.counters();
-    stats.hypercalls = end.hypercalls - start.hypercalls;
-    stats.flushes_by_reason = end.since(&start).flushes;
-    Ok(stats)
+    /// After the last op: every refused write must have been reported.
+    pub fn finish<H: Hypervisor, const E: usize, const R: usize>(
+        mut self,
+        lazy: &LazyMmu<H, E, R>,
+    ) -> Result<RunStats, String> {
+        if !self.refusals.unreported.is_empty() {
+            return Err(format!(
+                "{} refused write(s), {} reported: {} never reported",
+                self.stats.refused_writes,
+                self.stats.reported_refusals,
+                self.refusals.unreported.len()
+            ));
+        }
+        self.stats.refusal_error = self.refusals.error;
+        let end = lazy.counters();
+        self.stats.hypercalls = end.hypercalls - self.start.hypercalls;
+        self.stats.flushes_by_reason = end.since(&self.start).flushes;
+        Ok(self.stats)
+    }
 }
 
 /// The refused writes made and not yet reported, and the check of each call's result against
