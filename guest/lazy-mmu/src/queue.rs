@@ -42,6 +42,9 @@ pub struct Queue<const E: usize, const R: usize> {
     n_va_updates: usize,
     /// Some entry holds more than one request: a refusal could hold requests up.
     may_hold_up: bool,
+    /// 1 + index of the last entry if it is an `mmu_update` entry that later writes may join
+    /// (0: none). Keeps the common case, one more write to the open entry, to a few stores.
+    open_updates: usize,
 }
 
 impl<const E: usize, const R: usize> Queue<E, R> {
@@ -70,6 +73,7 @@ impl<const E: usize, const R: usize> Queue<E, R> {
             ptr_hi: 0,
             n_va_updates: 0,
             may_hold_up: false,
+            open_updates: 0,
         }
     }
 
@@ -145,6 +149,30 @@ impl<const E: usize, const R: usize> Queue<E, R> {
         self.n_entries < E
     }
 
+    /// Append a leaf write to the open `mmu_update` entry, if there is one and room: the hot
+    /// path of every batched `set_pte`. `false`: nothing was done (use `push_request`).
+    #[inline]
+    pub(crate) fn try_append(&mut self, ptr: MachAddr, val: Pte, va: VirtAddr) -> bool {
+        let at = self.n_reqs;
+        let Some(open) = self.open_updates.checked_sub(1) else {
+            return false;
+        };
+        if at >= R {
+            return false;
+        }
+        let Some(Entry::Updates { count, .. }) = self.entries.get_mut(open) else {
+            return false;
+        };
+        *count += 1;
+        self.reqs[at] = pt_update(ptr, val);
+        self.req_va[at] = Some(va);
+        self.n_reqs = at + 1;
+        self.ptr_lo = self.ptr_lo.min(ptr.get());
+        self.ptr_hi = self.ptr_hi.max(ptr.get());
+        self.may_hold_up = true;
+        true
+    }
+
     /// Queue a write of `val` at `ptr` (`va`: the address it maps; `None` for a table entry,
     /// which starts an entry of its own so that no refusal ahead of it can hold it up).
     /// The caller checked [`Queue::has_room_for_request`].
@@ -167,6 +195,9 @@ impl<const E: usize, const R: usize> Queue<E, R> {
                 count: 1,
             });
         }
+        // Later leaf writes may join this entry (behind a table entry too: if it is refused,
+        // they are held up and reissued in order, see `flush`).
+        self.open_updates = self.n_entries;
     }
 
     /// Queue a table operation. The caller checked [`Queue::has_room_for_op`].
@@ -202,6 +233,7 @@ impl<const E: usize, const R: usize> Queue<E, R> {
         self.entries[self.n_entries] = entry;
         self.n_entries += 1;
         self.tlb_run_open = false;
+        self.open_updates = 0;
     }
 
     /// Could a refusal of a queued request hold up the requests behind it in its entry (so that
@@ -228,6 +260,7 @@ impl<const E: usize, const R: usize> Queue<E, R> {
         self.ptr_hi = 0;
         self.n_va_updates = 0;
         self.may_hold_up = false;
+        self.open_updates = 0;
     }
 }
 

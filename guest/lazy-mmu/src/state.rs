@@ -99,12 +99,14 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
     }
 
     /// Batching now? (entered, not paused, and not in an interrupt handler)
+    #[inline]
     pub fn is_active(&self) -> bool {
         self.state.is_active() && !self.lazy_off_in_irq()
     }
 
     /// In an interrupt handler lazy mode is off and the section calls do nothing (Linux:
     /// `in_interrupt()` in `lazy_mmu_mode_*` and `xen_get_lazy_mode()`).
+    #[inline]
     fn lazy_off_in_irq(&self) -> bool {
         self.irq_depth > 0 && self.rules.irq == IrqRule::Immediate
     }
@@ -250,7 +252,12 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
     /// Write `val` to the leaf (L1) entry at `ptr`, which maps `va`. Queued in lazy mode
     /// (refusals are reported by the call that ends the batching), issued at once otherwise
     /// (a refusal is this call's error).
+    #[inline]
     pub fn set_pte(&mut self, ptr: MachAddr, val: Pte, va: VirtAddr) -> Result<(), MmuError> {
+        // The common case, one more write to the open `mmu_update` entry, first.
+        if self.is_active() && ptr.is_entry_aligned() && self.queue.try_append(ptr, val, va) {
+            return Ok(());
+        }
         self.write(ptr, val, Some(va))
     }
 
