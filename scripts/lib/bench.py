@@ -23,6 +23,7 @@ from .options import bounded_int, positive_seconds
 
 ROW_RE = re.compile(r"BENCH-ROW (.*)")
 FOOT_RE = re.compile(r"BENCH-FOOTPRINT (.*)")
+EXTRA_RE = re.compile(r"BENCH-(TYPECHANGE|TLB|SWITCH) ")
 ORDER = ["eager", "lazy", "set_ptes", "lower_bound", "linux_like"]
 COLOURS = {"eager": "#d62728", "lazy": "#1f77b4", "set_ptes": "#2ca02c",
            "lower_bound": "#000000", "linux_like": "#ff7f0e"}
@@ -284,6 +285,12 @@ snapshot (warm) and --cold, side by side, against its goals (warm domu <= 4 s, s
               f"requests = {int(fp['bytes'])} bytes")
     print()
     print(goals(rows))
+    # The rules' own costs (type-change flushes, TLB-op coalescing, context switches): shown as
+    # the guest printed them.
+    extra = [line.strip() for line in r.lines if EXTRA_RE.search(line)]
+    if extra:
+        print()
+        print("\n".join(extra))
     print(f"\nwrote {args.out / 'bench.csv'} and {args.out / 'bench.svg'}")
     return 0
 
