@@ -6,7 +6,7 @@
 //! pinned at its level, then hooked into its parent; in a lazy section these ride in the batch.
 
 use hypercalls::{MachAddr, Mfn, PAGE_SIZE, Pte};
-use lazy_mmu::{MmuError, TableLevel, TableOp};
+use lazy_mmu::{TableLevel, TableOp};
 use x86_64::VirtAddr;
 use x86_64::structures::paging::{PageTableFlags, PageTableIndex};
 
@@ -200,10 +200,4 @@ pub unsafe fn map_fresh(
         unsafe { pte::set_pte(ptep, Pte::new(frame.mfn(), KERNEL_RW), page_va)? };
     }
     section.leave().map_err(MmError::Mmu)
-}
-
-impl From<MmuError> for MmError {
-    fn from(e: MmuError) -> Self {
-        MmError::Mmu(e)
-    }
 }
