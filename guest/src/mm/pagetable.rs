@@ -158,24 +158,6 @@ pub unsafe fn hook_new_table(
     Ok(())
 }
 
-/// Take the L1 table `frame` (hooked at the L2 entry for `va`) out of the tree and make it an
-/// ordinary frame again: unhook, unpin, map it read-write. Returns the frame for freeing.
-///
-/// # Safety
-/// Every entry of the table must be empty (or the caller must not care that what it maps
-/// disappears), and the table must be the one [`ensure_l1`] returned for `va`.
-pub unsafe fn remove_l1(va: VirtAddr, frame: Frame) -> Result<Frame, MmError> {
-    let slot = entry_at(va, 2)?.ok_or(MmError::ReservedAddress { va: va.as_u64() })?;
-    // SAFETY: the caller promises the table maps nothing anyone relies on.
-    unsafe { pte::set_table_entry(slot, Pte::NONE)? };
-    pte::table_op(TableOp::Unpin(frame.mfn()))?;
-    pte::flush_tlb_local()?;
-    // SAFETY: the frame is no page table any more and ours: its kernel mapping becomes
-    // read-write again, as the allocator hands frames out.
-    unsafe { pte::update_va_mapping(frame.va(), Pte::new(frame.mfn(), KERNEL_RW))? };
-    Ok(frame)
-}
-
 /// Map `pages` fresh zeroed frames read-write at `va` in one lazy section, taking table and
 /// data frames from `alloc`. The frames are given up for good (the heap's use).
 ///
