@@ -31,8 +31,3 @@ unsafe extern "C" {
 pub fn image_end() -> u64 {
     &raw const __image_end as u64
 }
-
-/// Is `va` in a stack guard page of the image? (None yet.)
-pub fn is_guard_page(_va: u64) -> bool {
-    false
-}

@@ -39,8 +39,8 @@ pub fn va_of(pfn: Pfn) -> u64 {
 
 /// Where frame `pfn` can be read now: `Some` only if the boot mapping or the direct map maps
 /// it (read-write for the allocator's frames, read-only for page tables).
-/// The image's pages whose mapping was changed (the shared-page slots, the stack guard pages)
-/// are not: their frames are read through `peek`.
+/// The image's pages whose mapping was changed (the shared-page slots) are not: their frames
+/// are read through `peek`.
 pub fn mapped_va(pfn: Pfn) -> Option<u64> {
     let mapped = pfn.get() < boot_map_end() || pfn.get() < MAPPED_END_PFN.load(Ordering::Acquire);
     let va = va_of(pfn);
@@ -50,7 +50,7 @@ pub fn mapped_va(pfn: Pfn) -> Option<u64> {
 /// A page of the boot mapping whose mapping the kernel changed.
 fn image_hole(va: u64) -> bool {
     (VIRT_BASE..crate::arch::entry::image_end()).contains(&va)
-        && (crate::xen::shared::is_slot_page(va) || crate::arch::entry::is_guard_page(va))
+        && crate::xen::shared::is_slot_page(va)
 }
 
 /// A frame the allocator handed out: owned by whoever holds this (not `Clone`), mapped
