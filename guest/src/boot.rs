@@ -26,10 +26,9 @@ pub unsafe extern "C" fn kernel_start(si: *const start_info, boot_stack_top: u64
         Err(e) => panic!("start_info rejected: {} ({:#x})", e.0, e.1),
     };
     if info.role == Role::Guest {
-        match shared::map_console_ring(info) {
-            // SAFETY: the console slot maps the console page from now on.
-            Ok(Some(ring)) => unsafe { console::init_ring_console(ring, info.console_evtchn) },
-            Ok(None) => panic!("a domU without a console page"),
+        match console::init_ring_console(info) {
+            Ok(true) => {}
+            Ok(false) => panic!("a domU without a console page"),
             Err(e) => panic!("cannot map the PV console page: {e}"),
         }
     }

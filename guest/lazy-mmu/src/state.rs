@@ -236,6 +236,24 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
         Ok(())
     }
 
+    /// [`LazyMmu::pause`] whose flush keeps its refusals for the call that ends the batching
+    /// (for code that must issue requests of its own at once, inside someone else's section,
+    /// without reporting that section's refusals: a region's teardown).
+    pub fn pause_deferring(&mut self) -> Result<(), MmuError> {
+        if self.lazy_off_in_irq() {
+            return Ok(());
+        }
+        self.state.pause = self
+            .state
+            .pause
+            .checked_add(1)
+            .ok_or(MmuError::NestingLimit { what: "pause" })?;
+        if self.state.pause == 1 && self.state.enable > 0 {
+            self.flush_deferred(FlushReason::Pause);
+        }
+        Ok(())
+    }
+
     /// Pick batching up again at the depth it had (Linux: `lazy_mmu_mode_resume`).
     pub fn resume(&mut self) -> Result<(), MmuError> {
         if self.lazy_off_in_irq() {

@@ -291,3 +291,32 @@ fn leave_deferring_keeps_refusals_for_the_next_report() {
         (1, Some(set_pte_request(&s, 3, bad)))
     );
 }
+
+/// `pause_deferring()` flushes like `pause()` but keeps the refusals for the section's leave.
+#[test]
+fn pause_deferring_keeps_refusals_for_the_leave() {
+    let (mut l, s) = std_setup();
+    let table = pinned_l1(&mut l);
+    let bad = writable(table);
+    l.enter().unwrap();
+    set(&mut l, &s, 0, 0).unwrap();
+    put(&mut l, &s, 1, bad).unwrap();
+    assert_eq!(l.pause_deferring(), Ok(()));
+    assert!(l.is_paused());
+    assert_eq!(l.queued_entries(), 0, "it flushed");
+    assert_eq!(live(&l, &s, 0), s.pte_value(0));
+    assert_eq!(l.pending_refusals(), 1);
+    assert_eq!(l.counters().flushes_for(FlushReason::Pause), 1);
+    // A nested pause does not flush again.
+    assert_eq!(l.pause_deferring(), Ok(()));
+    l.resume().unwrap();
+    l.resume().unwrap();
+    let f = refused(l.leave());
+    assert_eq!(f.count, 1);
+    assert_eq!(l.pending_refusals(), 0);
+    // Outside a section it only counts the pause.
+    assert_eq!(l.pause_deferring(), Ok(()));
+    assert!(l.is_paused());
+    l.resume().unwrap();
+    assert_eq!(l.state(), LazyState::default());
+}

@@ -64,7 +64,7 @@ fn outcome(r: ProbeResult) -> Result<u64, Fault> {
 }
 
 /// Read a u64 at `addr`, or report the fault it raised.
-pub fn try_read_u64(addr: u64) -> Result<u64, Fault> {
+pub(crate) fn try_read_u64(addr: u64) -> Result<u64, Fault> {
     // SAFETY: the probe only loads from `addr` (no reference is formed, so no aliasing rule is
     // involved); a fault is caught by the trap handler and turned into `faulted = 1`.
     outcome(unsafe { probe_read_u64(addr) })
@@ -74,7 +74,7 @@ pub fn try_read_u64(addr: u64) -> Result<u64, Fault> {
 ///
 /// # Safety
 /// If the write succeeds it changes memory at `addr`: nothing may rely on its old contents.
-pub unsafe fn try_write_u64(addr: u64, value: u64) -> Result<(), Fault> {
+pub(crate) unsafe fn try_write_u64(addr: u64, value: u64) -> Result<(), Fault> {
     // SAFETY: the caller vouches for the write; a fault is caught as for the read.
     outcome(unsafe { probe_write_u64(addr, value) }).map(drop)
 }

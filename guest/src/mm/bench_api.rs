@@ -110,6 +110,7 @@ impl<const E: usize, const R: usize> OwnBatch<E, R> {
         n: u64,
         map: impl Fn(u64) -> Map,
     ) -> Result<(), MmError> {
+        check_pages(region, n)?;
         self.0.enter()?;
         for i in 0..n {
             if let Err(e) = region.set_pte_in(&mut self.0, i, map(i)) {
@@ -122,6 +123,7 @@ impl<const E: usize, const R: usize> OwnBatch<E, R> {
 
     /// In one section: clear pages `0..n`, then flush the TLB.
     pub fn unmap_pages(&mut self, region: &Region, n: u64) -> Result<(), MmError> {
+        check_pages(region, n)?;
         self.0.enter()?;
         let mut r = Ok(());
         for i in 0..n {
@@ -154,6 +156,18 @@ impl<const E: usize, const R: usize> Default for OwnBatch<E, R> {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// `n` pages fit in `region` (checked before anything is queued).
+fn check_pages(region: &Region, n: u64) -> Result<(), MmError> {
+    if n > region.pages() {
+        return Err(MmError::OutOfRange {
+            what: "pages",
+            value: n,
+            limit: region.pages(),
+        });
+    }
+    Ok(())
 }
 
 /// Bytes of a batch of `E` entries and `R` requests (its memory cost per vCPU).

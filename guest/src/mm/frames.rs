@@ -39,9 +39,18 @@ pub fn va_of(pfn: Pfn) -> u64 {
 
 /// Where frame `pfn` can be read now: `Some` only if the boot mapping or the direct map maps
 /// it (read-write for the allocator's frames, read-only for page tables).
+/// The image's pages whose mapping was changed (the shared-page slots) are not: their frames
+/// are read through `peek`.
 pub fn mapped_va(pfn: Pfn) -> Option<u64> {
     let mapped = pfn.get() < boot_map_end() || pfn.get() < MAPPED_END_PFN.load(Ordering::Acquire);
-    mapped.then(|| va_of(pfn))
+    let va = va_of(pfn);
+    (mapped && !image_hole(va)).then_some(va)
+}
+
+/// A page of the boot mapping whose mapping the kernel changed.
+fn image_hole(va: u64) -> bool {
+    (VIRT_BASE..crate::arch::entry::image_end()).contains(&va)
+        && crate::xen::shared::is_slot_page(va)
 }
 
 /// A frame the allocator handed out: owned by whoever holds this (not `Clone`), mapped
@@ -124,6 +133,13 @@ pub fn stats() -> FrameStats {
     }
 }
 
+/// Frames not handed out (free list, mapped or not yet mapped).
+pub fn left() -> u64 {
+    let first = boot_info().first_free_pfn;
+    let f = FRAMES.lock();
+    (f.nr_pages - first).saturating_sub(f.allocated)
+}
+
 /// Never-used mapped frames, and whether a growth of the direct map could add more: the range
 /// `(mapped_end, end of its L1 table or of the domain)`.
 pub fn spare() -> (u64, Option<(u64, u64)>) {
@@ -175,6 +191,11 @@ pub fn take_zeroed() -> Result<Frame, MmError> {
 
 /// `n` zeroed never-used frames with consecutive pseudo-physical numbers.
 pub fn take_run(n: u64) -> Result<alloc::vec::Vec<Frame>, MmError> {
+    let mut out = alloc::vec::Vec::new();
+    out.try_reserve_exact(n as usize)
+        .map_err(|_| MmError::OutOfMemory {
+            nr_pages: stats().nr_pages,
+        })?;
     let first = {
         let mut f = FRAMES.lock();
         if f.mapped_end_pfn - f.next_pfn < n {
@@ -186,7 +207,8 @@ pub fn take_run(n: u64) -> Result<alloc::vec::Vec<Frame>, MmError> {
         f.allocated += n;
         f.next_pfn - n
     };
-    Ok((first..first + n).map(|p| zeroed(Pfn::new(p))).collect())
+    out.extend((first..first + n).map(|p| zeroed(Pfn::new(p))));
+    Ok(out)
 }
 
 /// Give a frame back. Its owner checked that it is mapped read-write at [`Frame::va`] and

@@ -72,6 +72,11 @@ fn grow_direct_map(start: u64, end: u64) -> Result<(), MmError> {
     Ok(())
 }
 
+/// Frames the domain has left to hand out (mapped or not), beyond the reserve.
+pub fn frames_left() -> u64 {
+    frames::left().saturating_sub(RESERVE)
+}
+
 /// A zeroed frame, mapped read-write (boot mapping or direct map).
 pub fn alloc_zeroed() -> Result<Frame, MmError> {
     ensure_spare(1)?;

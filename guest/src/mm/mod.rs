@@ -89,6 +89,12 @@ impl fmt::Display for MmError {
     }
 }
 
+impl From<MmuError> for MmError {
+    fn from(e: MmuError) -> Self {
+        MmError::Mmu(e)
+    }
+}
+
 /// Bring up memory management: find the free frames after the boot structures, then the heap.
 pub fn init(info: &crate::xen::BootInfo) -> Result<(), MmError> {
     memory::init(info)?;

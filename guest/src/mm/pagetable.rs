@@ -6,7 +6,7 @@
 //! pinned at its level, then hooked into its parent; in a lazy section these ride in the batch.
 
 use hypercalls::{MachAddr, Mfn, PAGE_SIZE, Pte};
-use lazy_mmu::{MmuError, TableLevel, TableOp};
+use lazy_mmu::{TableLevel, TableOp};
 use x86_64::VirtAddr;
 use x86_64::structures::paging::{PageTableFlags, PageTableIndex};
 
@@ -158,24 +158,6 @@ pub unsafe fn hook_new_table(
     Ok(())
 }
 
-/// Take the L1 table `frame` (hooked at the L2 entry for `va`) out of the tree and make it an
-/// ordinary frame again: unhook, unpin, map it read-write. Returns the frame for freeing.
-///
-/// # Safety
-/// Every entry of the table must be empty (or the caller must not care that what it maps
-/// disappears), and the table must be the one [`ensure_l1`] returned for `va`.
-pub unsafe fn remove_l1(va: VirtAddr, frame: Frame) -> Result<Frame, MmError> {
-    let slot = entry_at(va, 2)?.ok_or(MmError::ReservedAddress { va: va.as_u64() })?;
-    // SAFETY: the caller promises the table maps nothing anyone relies on.
-    unsafe { pte::set_table_entry(slot, Pte::NONE)? };
-    pte::table_op(TableOp::Unpin(frame.mfn()))?;
-    pte::flush_tlb_local()?;
-    // SAFETY: the frame is no page table any more and ours: its kernel mapping becomes
-    // read-write again, as the allocator hands frames out.
-    unsafe { pte::update_va_mapping(frame.va(), Pte::new(frame.mfn(), KERNEL_RW))? };
-    Ok(frame)
-}
-
 /// Map `pages` fresh zeroed frames read-write at `va` in one lazy section, taking table and
 /// data frames from `alloc`. The frames are given up for good (the heap's use).
 ///
@@ -200,10 +182,4 @@ pub unsafe fn map_fresh(
         unsafe { pte::set_pte(ptep, Pte::new(frame.mfn(), KERNEL_RW), page_va)? };
     }
     section.leave().map_err(MmError::Mmu)
-}
-
-impl From<MmuError> for MmError {
-    fn from(e: MmuError) -> Self {
-        MmError::Mmu(e)
-    }
 }

@@ -92,6 +92,7 @@ fn added_by_xen(region: &Region) -> Result<u64, MmError> {
 /// Run `ops` on `region` (slots: its pages; frames: its data frames) through `batch`,
 /// comparing the live tables with the shadow after every leave.
 pub fn run(region: &Region, ops: &[Op], batch: BatchSize) -> Result<ProgramRun, String> {
+    check_ops(ops, region.pages(), region.frames())?;
     let layout = RegionLayout {
         region,
         added_by_xen: added_by_xen(region).map_err(|e| format!("probe write: {e}"))?,
@@ -123,6 +124,33 @@ fn run_in<const E: usize, const R: usize>(
         checks,
         counters: lazy.counters().since(&before),
     })
+}
+
+/// Every op's slots and frames lie in a layout of `slots` slots and `frames` frames (checked
+/// before anything runs: the layout's lookups would otherwise fail with the batch locked).
+pub fn check_ops(ops: &[Op], slots: u64, frames: u64) -> Result<(), String> {
+    for (i, op) in ops.iter().enumerate() {
+        let (slot, nr, frame) = match *op {
+            Op::SetPte { slot, frame } => (slot, 1, Some(frame)),
+            Op::SetPtes { slot, nr, frame } => (slot, nr, Some(frame)),
+            Op::Clear { slot } | Op::Read { slot } | Op::Bad { slot } | Op::Invlpg { slot } => {
+                (slot, 1, None)
+            }
+            _ => continue,
+        };
+        let (slot, nr) = (slot as u64, nr as u64);
+        if nr == 0 || slot.checked_add(nr).is_none_or(|end| end > slots) {
+            return Err(format!(
+                "op {i} ({op:?}): slots beyond the layout's {slots}"
+            ));
+        }
+        if frame.is_some_and(|f| (f as u64).checked_add(nr).is_none_or(|end| end > frames)) {
+            return Err(format!(
+                "op {i} ({op:?}): frames beyond the layout's {frames}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Flushes of `reason` in a run.
@@ -213,6 +241,7 @@ pub struct TaskProgram {
 
 impl TaskProgram {
     pub fn new(layout: TaskLayout, ops: Vec<Op>) -> Result<TaskProgram, String> {
+        check_ops(&ops, TASK_SLOTS as u64, layout.shared.frames())?;
         let stepper = pte::with_lazy(|l| Stepper::new(l, &layout, &ops))?;
         Ok(TaskProgram {
             layout,

@@ -88,6 +88,52 @@ pub fn pause() -> Result<(), MmuError> {
     this_cpu().pause()
 }
 
+/// Suspend batching (flushing first) without reporting: the flush's refusals stay for the call
+/// that ends the batching (for a region's teardown inside someone else's section).
+pub(super) fn pause_deferring() -> Result<(), MmuError> {
+    this_cpu().pause_deferring()
+}
+
+/// Issue `reqs` now, outside the batch, judging only their own results (pending refusals stay
+/// pending). Only while nothing is queued: the caller paused, or is not in a section.
+///
+/// # Safety
+/// As for [`set_pte`] (and [`set_table_entry`]), for every request.
+pub(super) unsafe fn mmu_update_now(reqs: &[hypercalls::abi::MmuUpdate]) -> Result<(), MmError> {
+    use lazy_mmu::Hypervisor;
+    let mut l = this_cpu();
+    debug_assert_eq!(l.queued_entries(), 0);
+    l.hypervisor_mut()
+        .mmu_update(reqs)
+        .map_err(|e| MmError::Xen(e.error))
+}
+
+/// [`mmu_update_now`] for table operations (unpins and TLB flushes).
+///
+/// # Safety
+/// An unpinned table must be one the caller owns and has unhooked.
+pub(super) unsafe fn table_ops_now(ops: &[TableOp]) -> Result<(), MmError> {
+    use lazy_mmu::Hypervisor;
+    let ops: Vec<_> = ops.iter().map(|o| o.to_mmuext()).collect();
+    let mut l = this_cpu();
+    debug_assert_eq!(l.queued_entries(), 0);
+    l.hypervisor_mut()
+        .mmuext_op(&ops)
+        .map_err(|e| MmError::Xen(e.error))
+}
+
+/// [`update_va_mapping`] now, outside the batch, judging only its own result.
+///
+/// # Safety
+/// As for [`set_pte`].
+pub(super) unsafe fn update_va_mapping_now(va: VirtAddr, pte: Pte) -> Result<(), MmError> {
+    use lazy_mmu::Hypervisor;
+    this_cpu()
+        .hypervisor_mut()
+        .update_va_mapping(va, pte, UVMF_INVLPG)
+        .map_err(MmError::Xen)
+}
+
 /// Resume batching. An unbalanced resume is a `BUG`.
 pub fn resume() {
     let r = this_cpu().resume();
@@ -152,16 +198,32 @@ pub fn set_strict(strict: bool) {
 /// replaced by a panic.
 pub struct LazySection {
     left: bool,
+    /// The pause count when the section was entered: a pause taken inside it and still in
+    /// force at its leave would make that leave do nothing (Linux's semantics).
+    pause: u8,
 }
 
 impl LazySection {
     pub fn enter() -> Result<LazySection, MmuError> {
-        enter()?;
-        Ok(LazySection { left: false })
+        let mut l = this_cpu();
+        let pause = l.state().pause;
+        let r = l.enter();
+        drop(l);
+        bug_on_misuse(r)?;
+        Ok(LazySection { left: false, pause })
     }
 
+    /// Leave the section, reporting its refusals. A pause taken inside the section and not
+    /// resumed is `LeaveWhilePaused` (the leave would be ignored and the section stay open);
+    /// the section is then still open, for the caller to resume and leave.
     pub fn leave(mut self) -> Result<(), MmuError> {
         self.left = true;
+        let now = this_cpu().state().pause;
+        if now > self.pause {
+            return Err(MmuError::LeaveWhilePaused {
+                pause: u32::from(now - self.pause),
+            });
+        }
         leave()
     }
 }
@@ -226,12 +288,20 @@ pub fn check_frames(pte: Pte, nr: u64) -> Result<Option<Pfn>, SetPtesRule> {
     };
     let nr_pages = boot_info().nr_pages;
     // An owned frame is below nr_pages: the subtraction cannot wrap.
+    let beyond = Err(SetPtesRule::FramesBeyondDomain {
+        first_pfn: first,
+        nr,
+        nr_pages,
+    });
     if nr > nr_pages - first.get() {
-        return Err(SetPtesRule::FramesBeyondDomain {
-            first_pfn: first,
-            nr,
-            nr_pages,
-        });
+        return beyond;
+    }
+    // Every frame must be the domain's: a P2M entry may be a hole (a ballooned frame). At most
+    // one table's worth is checked (`set_ptes` refuses more before it gets here).
+    for i in 1..nr.min(512) {
+        if p2m::pfn_to_mfn(Pfn::new(first.get() + i)).is_none() {
+            return beyond;
+        }
     }
     Ok(Some(first))
 }
@@ -248,7 +318,7 @@ pub unsafe fn update_va_mapping(va: VirtAddr, pte: Pte) -> Result<(), MmuError> 
 /// operation changes no mapping; a pin makes Xen validate the frame as a table (it refuses a
 /// frame mapped writable anywhere) and hold that type; an unpin drops the hold, and Xen keeps
 /// the type while the table is hooked anywhere.
-pub fn table_op(op: TableOp) -> Result<(), MmuError> {
+pub(super) fn table_op(op: TableOp) -> Result<(), MmuError> {
     this_cpu().table_op(op)
 }
 

@@ -16,7 +16,7 @@ use x86_64::VirtAddr;
 
 use super::frames;
 use crate::xen::p2m;
-use crate::xen::shared::SharedPageSlot;
+use crate::xen::shared::PEEK_SLOT;
 
 /// Real Xen, for the calling domain. Only `mm` can make one (the field is private).
 pub struct XenHv(());
@@ -129,8 +129,6 @@ fn marshal(entry: &Entry, batch: &Batch<'_>, done: &mut u32) -> MulticallEntry {
     }
 }
 
-/// The window for reading a frame that neither the boot mapping nor the direct map covers yet.
-static PEEK_SLOT: SharedPageSlot = SharedPageSlot::new();
 static PEEK_LOCK: crate::xen::events::IrqMutex<()> = crate::xen::events::IrqMutex::new(());
 
 /// Read the entry at machine address `ptr` of one of the domain's frames through a temporary
@@ -148,7 +146,8 @@ pub fn peek(ptr: MachAddr) -> Result<Pte, XenError> {
     let at = PEEK_SLOT.va() + (ptr.page_offset() & !7);
     // SAFETY: the slot maps the frame now; `at` is an aligned offset inside it.
     let value = unsafe { core::ptr::read_volatile(at as *const u64) };
-    // SAFETY: as above; unmapping leaves no stale window onto the frame.
+    // SAFETY: as above; the slot maps its own image frame again (no stale window onto the
+    // frame, and no static of the image left unmapped).
     unsafe { PEEK_SLOT.map_machine_frame_ro(None)? };
     Ok(Pte::from_raw(value))
 }

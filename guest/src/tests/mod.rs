@@ -4,6 +4,7 @@
 
 use crate::framework::runner::{Context, TestCase, TestOutcome};
 
+mod api;
 mod batching;
 mod boot_info;
 mod console;
@@ -177,6 +178,46 @@ pub static TESTS: &[TestCase] = &[
         "preempt",
         "seeded programs in preempted tasks, a handler writing its range (seed= tasks= hz= ops= depth=)",
         preempt::preempt,
+    ),
+    test(
+        "image_frames",
+        "every frame below the first free one reads as an entry, also after a peek",
+        api::image_frames,
+    ),
+    test(
+        "set_each_reads",
+        "set_each's closure may read page-table entries",
+        api::set_each_reads,
+    ),
+    test(
+        "region_drop_in_section",
+        "a region dropped inside a section keeps the section's refusals",
+        api::region_drop_in_section,
+    ),
+    test(
+        "old_refusal_teardown",
+        "an old pending refusal neither fails a region's teardown nor is consumed by it",
+        api::old_refusal_teardown,
+    ),
+    test(
+        "section_leave_paused",
+        "LazySection::leave while paused inside it is LeaveWhilePaused",
+        api::section_leave_paused,
+    ),
+    test(
+        "region_limits",
+        "oversized regions are refused before taking or mapping frames",
+        api::region_limits,
+    ),
+    test(
+        "region_indices",
+        "out-of-range pages, words and blocks are errors; a block is hooked once",
+        api::region_indices,
+    ),
+    test(
+        "program_bounds",
+        "programs and own batches beyond the region are refused up front",
+        api::program_bounds,
     ),
     crash(
         "bug_task_panic",

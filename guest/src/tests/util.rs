@@ -5,7 +5,7 @@ use alloc::format;
 use lazy_mmu::{Counters, FlushReason};
 
 use crate::framework::runner::{TestFail, TestOutcome, failed};
-use crate::mm::region::Region;
+use crate::mm::region::{ProbeError, Region};
 
 /// The value word `w` of data frame `k` is marked with.
 pub fn marker(k: u64, w: u64) -> u64 {
@@ -41,7 +41,8 @@ pub fn check_unmapped(r: &Region, page: u64) -> TestOutcome {
     let va = r.va(page).map_err(failed)?.as_u64();
     match r.probe(page, 0) {
         Ok(v) => Err(failed(format!("page {page} still mapped (reads {v:#x})"))),
-        Err(f) => {
+        Err(ProbeError::Range(e)) => Err(failed(format!("page {page}: {e}"))),
+        Err(ProbeError::Fault(f)) => {
             ensure_eq!(
                 (f.vector, f.address, f.error_code & 1),
                 (14, va, 0),

@@ -50,12 +50,15 @@ pub fn init_hypervisor_console() {
     BACKEND.call_once(|| Backend::Hypervisor);
 }
 
-/// Use the PV console ring mapped at `ring`, notifying the backend on `evtchn`.
-///
-/// # Safety
-/// `ring` must map the domain's console page for the rest of the guest's life.
-pub unsafe fn init_ring_console(ring: *mut XenconsInterface, evtchn: u32) {
+/// Map a domU's PV console page and write to it from now on (`Ok(false)` for the initial
+/// domain, which has none).
+pub fn init_ring_console(info: &super::BootInfo) -> Result<bool, hypercalls::XenError> {
+    let Some(ring) = super::shared::map_console_ring(info)? else {
+        return Ok(false);
+    };
+    let evtchn = info.console_evtchn;
     BACKEND.call_once(|| Backend::Ring { ring, evtchn });
+    Ok(true)
 }
 
 /// The name of the console in use, for the banner.
@@ -70,6 +73,22 @@ pub fn describe() -> &'static str {
 /// Wait (yielding the CPU, at most `max_yields` times) until the console backend has consumed
 /// everything written. True when it has; always true for `console_io`, which is synchronous.
 pub fn drain(max_yields: u32) -> bool {
+    let mut yields = 0u32;
+    drain_until(|| {
+        yields += 1;
+        yields > max_yields
+    })
+}
+
+/// [`drain`] bounded by system time rather than by yields: waits up to `timeout_ns` of Xen's
+/// system time (a loaded host may take many yields before the backend runs). Before shared
+/// info is mapped (no system time) it gives up at once.
+pub fn drain_within(timeout_ns: u64) -> bool {
+    let start = super::time::now_ns();
+    drain_until(|| start == 0 || super::time::now_ns().saturating_sub(start) > timeout_ns)
+}
+
+fn drain_until(mut give_up: impl FnMut() -> bool) -> bool {
     let ring = match backend() {
         Backend::Ring { ring, evtchn } => {
             let _ = calls::evtchn_send(evtchn);
@@ -77,7 +96,7 @@ pub fn drain(max_yields: u32) -> bool {
         }
         _ => return true,
     };
-    for _ in 0..=max_yields {
+    loop {
         // SAFETY: `ring` maps the console page; the backend advances `out_cons` concurrently.
         let (cons, prod) = unsafe {
             (
@@ -88,9 +107,11 @@ pub fn drain(max_yields: u32) -> bool {
         if cons == prod {
             return true;
         }
+        if give_up() {
+            return false;
+        }
         calls::yield_cpu();
     }
-    false
 }
 
 impl Console {

@@ -20,12 +20,20 @@ pub struct SharedPageSlot(UnsafeCell<[u8; 4096]>);
 unsafe impl Sync for SharedPageSlot {}
 
 impl SharedPageSlot {
-    pub const fn new() -> Self {
+    /// Only the statics below: a slot must live as long as the kernel (a slot that could be
+    /// freed would leave its memory mapped to the foreign page).
+    const fn new() -> Self {
         SharedPageSlot(UnsafeCell::new([0; 4096]))
     }
 
-    pub fn va(&self) -> u64 {
+    pub fn va(&'static self) -> u64 {
         self.0.get() as u64
+    }
+
+    /// The image's own frame under the slot (what it maps until it is remapped).
+    fn own_mfn(&'static self) -> Option<Mfn> {
+        let pfn = (self.va() - super::start_info::VIRT_BASE) / hypercalls::PAGE_SIZE;
+        super::p2m::pfn_to_mfn(hypercalls::Pfn::new(pfn))
     }
 
     /// Point this page's mapping at machine frame `mfn` (read-write).
@@ -33,7 +41,7 @@ impl SharedPageSlot {
     /// # Safety
     /// Nothing may hold a reference into the slot's old contents, and `mfn` must be a frame the
     /// caller may write (a page Xen shares with the domain).
-    pub unsafe fn map_machine_frame(&self, mfn: Mfn) -> Result<(), XenError> {
+    pub unsafe fn map_machine_frame(&'static self, mfn: Mfn) -> Result<(), XenError> {
         let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE;
         // SAFETY: the caller's promise; the slot is a page of our own image used for nothing
         // else.
@@ -41,19 +49,26 @@ impl SharedPageSlot {
     }
 
     /// Point this page's mapping at machine frame `mfn` read-only (a page table may be mapped
-    /// so), or unmap it (`mfn` `None`).
+    /// so), or back at the image's own frame, read-write (`mfn` `None`): a slot is never left
+    /// unmapped.
     ///
     /// # Safety
     /// Nothing may hold a reference into the slot's old contents.
-    pub unsafe fn map_machine_frame_ro(&self, mfn: Option<Mfn>) -> Result<(), XenError> {
-        let pte = mfn.map_or(Pte::NONE, |m| Pte::new(m, PageTableFlags::PRESENT));
+    pub unsafe fn map_machine_frame_ro(&'static self, mfn: Option<Mfn>) -> Result<(), XenError> {
+        let pte = match mfn {
+            Some(m) => Pte::new(m, PageTableFlags::PRESENT),
+            None => {
+                let own = self.own_mfn().ok_or(XenError::Inval)?;
+                Pte::new(own, PageTableFlags::PRESENT | PageTableFlags::WRITABLE)
+            }
+        };
         // SAFETY: the caller's promise; a read-only mapping cannot change the frame.
         unsafe { self.map(pte) }
     }
 
     /// # Safety
     /// As for [`SharedPageSlot::map_machine_frame`].
-    unsafe fn map(&self, pte: Pte) -> Result<(), XenError> {
+    unsafe fn map(&'static self, pte: Pte) -> Result<(), XenError> {
         let va = VirtAddr::new(self.va());
         // SAFETY: the slot is a page of our own image used for nothing else; the caller
         // promises that nothing references its old contents.
@@ -61,14 +76,19 @@ impl SharedPageSlot {
     }
 }
 
-impl Default for SharedPageSlot {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 static SHARED_INFO_SLOT: SharedPageSlot = SharedPageSlot::new();
 static CONSOLE_SLOT: SharedPageSlot = SharedPageSlot::new();
+/// `mm`'s window for reading a frame that neither the boot mapping nor the direct map covers.
+pub static PEEK_SLOT: SharedPageSlot = SharedPageSlot::new();
+
+/// Is `va` a page of the image whose mapping a slot changes? Its frame cannot be read at its
+/// place in the boot mapping (it shows another page, or the window of a peek).
+pub fn is_slot_page(va: u64) -> bool {
+    let page = va & !(hypercalls::PAGE_SIZE - 1);
+    [&SHARED_INFO_SLOT, &CONSOLE_SLOT, &PEEK_SLOT]
+        .iter()
+        .any(|s| s.va() == page)
+}
 static SHARED_INFO_MAPPED: spin::Once<()> = spin::Once::new();
 
 /// Map the shared-info page (for `vcpu_info`, where Xen leaves the fault address).
