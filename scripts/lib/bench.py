@@ -157,7 +157,7 @@ def svg(rows, path):
     path.write_text("\n".join(parts))
 
 
-# The harness's own goals (issue 11): wall time of `scripts/run --mode M` from start to exit with
+# The harness's own goals: wall time of `scripts/run --mode M` from start to exit with
 # the dom0 snapshot cached, and the speed-up over a cold boot measured in the same invocation.
 HARNESS_GOALS = {"domu": 4.0, "shim": 5.0}
 HARNESS_SPEEDUP = 2.5
