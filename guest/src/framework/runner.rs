@@ -145,7 +145,9 @@ pub fn run_from_cmdline(
     let (mut passed, mut failed, mut errors) = (0, 0, 0);
     for t in &selected {
         println!("[ RUN      ] {}", t.name);
+        let started = crate::xen::time::now_ns();
         let outcome = (t.run)(&ctx);
+        let ms = crate::xen::time::now_ns().saturating_sub(started) / 1_000_000;
         // A test that fails half-way may leave a lazy section open: close it here so the next
         // test starts clean, and count it against the test that left it.
         let outcome = match crate::mm::pte::reset_lazy_state() {
@@ -157,7 +159,7 @@ pub fn run_from_cmdline(
         match outcome {
             Ok(()) => {
                 passed += 1;
-                println!("[       OK ] {}", t.name);
+                println!("[       OK ] {} ({ms} ms)", t.name);
             }
             Err(TestFail::Failed(why)) => {
                 failed += 1;
