@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import io
 import os
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -230,8 +231,18 @@ class InitReadsThePayload(unittest.TestCase):
         script = ("now() { NOW=0; }\nmark() { :; }\nfatal() { echo \"@@fatal $*\"; exit 1; }\n"
                   + init_function("wait_payload") + f'PAYLOAD="{disk}"\nwait_payload\n')
         env = {"PATH": str(self.bin), "TMPDIR": str(self.dir), "PAYLOAD_ROOT": str(self.root)}
-        return subprocess.run([str(self.bin / "sh"), "-c", script], env=env, timeout=timeout,
-                              capture_output=True, text=True)
+        # Its own process group: on a timeout the polling loop's dd and sleep die with the shell,
+        # so none of them writes into the folder while tearDown removes it.
+        p = subprocess.Popen([str(self.bin / "sh"), "-c", script], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            raise
+        return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
     def test_unpacks_the_jobs_and_reports_the_nonce(self):
         guest = os.urandom(70000)
