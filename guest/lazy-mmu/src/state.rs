@@ -31,6 +31,13 @@ use crate::rules::{IrqRule, Rules};
 /// when one would wrap).
 pub const NESTING_LIMIT: u32 = u8::MAX as u32;
 
+/// Whether a call that ends batching reports the refusals or keeps them for a later one.
+#[derive(Clone, Copy)]
+enum Report {
+    Now,
+    Later,
+}
+
 /// The lazy-MMU state of one flow of control (Linux: `task_struct::lazy_mmu_state`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LazyState {
@@ -173,6 +180,16 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
     /// Leave lazy mode (Linux: `lazy_mmu_mode_disable`): always flushes; only the outermost
     /// leave ends batching and reports the refusals.
     pub fn leave(&mut self) -> Result<(), MmuError> {
+        self.leave_with(Report::Now)
+    }
+
+    /// Leave, keeping any refusals for the next call that reports (for a section dropped on
+    /// an error path, which has nobody to report to).
+    pub fn leave_deferring(&mut self) -> Result<(), MmuError> {
+        self.leave_with(Report::Later)
+    }
+
+    fn leave_with(&mut self, report: Report) -> Result<(), MmuError> {
         if self.state.pause > 0 || self.lazy_off_in_irq() {
             return Ok(());
         }
@@ -187,27 +204,7 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
             self.flush_deferred(FlushReason::NestedLeave);
             return Ok(());
         }
-        self.flush_reported(FlushReason::Leave)
-    }
-
-    /// Leave, keeping any refusals for the next call that reports (for a section dropped on
-    /// an error path, which has nobody to report to).
-    pub fn leave_deferring(&mut self) -> Result<(), MmuError> {
-        if self.state.pause > 0 || self.lazy_off_in_irq() {
-            return Ok(());
-        }
-        self.state.enable = self
-            .state
-            .enable
-            .checked_sub(1)
-            .ok_or(MmuError::UnbalancedLeave)?;
-        let reason = if self.state.enable > 0 {
-            FlushReason::NestedLeave
-        } else {
-            FlushReason::Leave
-        };
-        self.flush_deferred(reason);
-        Ok(())
+        self.flush_for(FlushReason::Leave, report)
     }
 
     /// Issue whatever is queued (Linux: `arch_flush_lazy_mmu_mode`); report every refusal
@@ -222,24 +219,17 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
 
     /// Suspend batching, flushing first (Linux: `lazy_mmu_mode_pause`).
     pub fn pause(&mut self) -> Result<(), MmuError> {
-        if self.lazy_off_in_irq() {
-            return Ok(());
-        }
-        self.state.pause = self
-            .state
-            .pause
-            .checked_add(1)
-            .ok_or(MmuError::NestingLimit { what: "pause" })?;
-        if self.state.pause == 1 && self.state.enable > 0 {
-            return self.flush_reported(FlushReason::Pause);
-        }
-        Ok(())
+        self.pause_with(Report::Now)
     }
 
     /// [`LazyMmu::pause`] whose flush keeps its refusals for the call that ends the batching
     /// (for code that must issue requests of its own at once, inside someone else's section,
     /// without reporting that section's refusals: a region's teardown).
     pub fn pause_deferring(&mut self) -> Result<(), MmuError> {
+        self.pause_with(Report::Later)
+    }
+
+    fn pause_with(&mut self, report: Report) -> Result<(), MmuError> {
         if self.lazy_off_in_irq() {
             return Ok(());
         }
@@ -249,7 +239,7 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
             .checked_add(1)
             .ok_or(MmuError::NestingLimit { what: "pause" })?;
         if self.state.pause == 1 && self.state.enable > 0 {
-            self.flush_deferred(FlushReason::Pause);
+            return self.flush_for(FlushReason::Pause, report);
         }
         Ok(())
     }
@@ -424,6 +414,17 @@ impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {
     pub(crate) fn flush_deferred(&mut self, reason: FlushReason) {
         let refused = self.flush_queue(reason);
         self.pending.merge(&refused);
+    }
+
+    /// Flush, and report now or keep the refusals for the call that ends the batching.
+    fn flush_for(&mut self, reason: FlushReason, report: Report) -> Result<(), MmuError> {
+        match report {
+            Report::Now => self.flush_reported(reason),
+            Report::Later => {
+                self.flush_deferred(reason);
+                Ok(())
+            }
+        }
     }
 
     /// Flush; report this flush's refusals and any kept from earlier flushes.

@@ -26,7 +26,7 @@ use crate::arch::rdtsc;
 use crate::framework::cmdline::Options;
 use crate::framework::runner::Verdict;
 use crate::mm::MmError;
-use crate::mm::bench_api::footprint;
+use crate::mm::batches::footprint;
 use crate::mm::region::{Map, Region};
 
 const SIZES: [u64; 6] = [1, 8, 32, 512, 4096, 65536];

@@ -1,11 +1,11 @@
 //! The ways of mapping then unmapping N pages of the benchmark's region, all through the safe
-//! API (`Region`, `mm::pte` sections, `mm::bench_api`). Every unmap ends with one local TLB
+//! API (`Region`, `mm::pte` sections, `mm::batches`). Every unmap ends with one local TLB
 //! flush.
 
 use lazy_mmu::Counters;
 
 use crate::mm::MmError;
-use crate::mm::bench_api::{LinuxBatch, LowerBound};
+use crate::mm::batches::{LinuxBatch, LowerBound};
 use crate::mm::pte;
 use crate::mm::region::{Map, Region, TABLE_PAGES};
 

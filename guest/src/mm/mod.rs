@@ -9,14 +9,14 @@
 //! * `pagetable`: walk and grow the live tables;
 //! * `memory`: frames for everyone, growing the direct map on demand;
 //! * [`region`] (the safe API: an owned VA range and its frames), [`heap`], [`programs`] (seeded
-//!   programs on a region), [`bench_api`] (the benchmark's lower bound and other batch sizes).
+//!   programs on a region), [`batches`] (the benchmark's lower bound and other batch sizes).
 
 mod frames;
 mod memory;
 mod pagetable;
 mod xen_hv;
 
-pub mod bench_api;
+pub mod batches;
 pub mod heap;
 pub mod programs;
 pub mod pte;

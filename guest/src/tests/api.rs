@@ -11,7 +11,7 @@ use lazy_mmu::MmuError;
 use lazy_mmu::program::Op;
 
 use crate::framework::runner::{Context, TestOutcome, failed};
-use crate::mm::bench_api::LinuxBatch;
+use crate::mm::batches::LinuxBatch;
 use crate::mm::peek;
 use crate::mm::programs::{self, BatchSize};
 use crate::mm::pte::{self, LazySection};
