@@ -96,26 +96,17 @@ pub const ALPHABET: [Sym; 15] = [
     Sym::MapF,
 ];
 
-/// The alphabet with two tasks and interrupts.
-pub const TASK_ALPHABET: [Sym; 17] = [
-    Sym::Enter,
-    Sym::Leave,
-    Sym::Pause,
-    Sym::Resume,
-    Sym::Flush,
-    Sym::Read,
-    Sym::SetA,
-    Sym::SetB,
-    Sym::Bad,
-    Sym::SetPtes2,
-    Sym::Invlpg,
-    Sym::Hook,
-    Sym::Pin,
-    Sym::Unpin,
-    Sym::MapF,
-    Sym::Switch,
-    Sym::Irq,
-];
+/// The alphabet with two tasks and interrupts: [`ALPHABET`], a switch and an interrupt.
+pub const TASK_ALPHABET: [Sym; 17] = {
+    let mut all = [Sym::Switch; 17];
+    let mut i = 0;
+    while i < ALPHABET.len() {
+        all[i] = ALPHABET[i];
+        i += 1;
+    }
+    all[16] = Sym::Irq;
+    all
+};
 
 /// What the exploration did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
