@@ -245,9 +245,7 @@ fn a_rejected_multicall_still_names_refused_requests() {
 /// invalidation of their mapping.
 #[test]
 fn requests_held_up_by_a_refusal_do_not_overtake_later_entries() {
-    let (mut l, s) = std_setup();
-    let table = pinned_l1(&mut l);
-    let bad = writable(table);
+    let (mut l, s, bad) = refusing_setup();
     let mut reference = l.hypervisor().clone();
     l.enter().unwrap();
     put(&mut l, &s, 0, bad).unwrap();
@@ -311,9 +309,7 @@ fn requests_held_up_by_a_refusal_do_not_overtake_later_entries() {
 /// entry.
 #[test]
 fn the_rest_of_a_batch_is_reissued_as_one_multicall() {
-    let (mut l, s) = std_setup();
-    let table = pinned_l1(&mut l);
-    let bad = writable(table);
+    let (mut l, s, bad) = refusing_setup();
     l.enter().unwrap();
     set(&mut l, &s, 0, 0).unwrap();
     put(&mut l, &s, 1, bad).unwrap();
@@ -356,9 +352,7 @@ fn the_rest_of_a_batch_is_reissued_as_one_multicall() {
 
 #[test]
 fn a_refused_update_va_mapping_in_a_multicall_names_its_address() {
-    let (mut l, s) = std_setup();
-    let table = pinned_l1(&mut l);
-    let bad = writable(table);
+    let (mut l, s, bad) = refusing_setup();
     l.enter().unwrap();
     set(&mut l, &s, 0, 0).unwrap();
     l.update_va_mapping(s.va(6), bad, 0).unwrap();
@@ -615,9 +609,7 @@ fn a_multicall_stopped_part_way_issues_only_the_rest_again() {
 /// rest of the batch still run in order, and only the real refusal is reported.
 #[test]
 fn a_multicall_stopped_part_way_after_a_refusal_reports_only_that_refusal() {
-    let (mut l, s) = std_setup();
-    let table = pinned_l1(&mut l);
-    let bad = writable(table);
+    let (mut l, s, bad) = refusing_setup();
     l.hypervisor_mut().multicall_fault_after = Some(2);
     let mut reference = l.hypervisor().clone();
     l.enter().unwrap();
@@ -740,9 +732,7 @@ fn a_failure_after_every_request_was_done_blames_no_request() {
 /// flushes and those issued at once (outside lazy mode, paused, a paused `set_ptes`).
 #[test]
 fn the_rejected_counter_counts_refusals_issued_at_once() {
-    let (mut l, s) = std_setup();
-    let table = pinned_l1(&mut l);
-    let bad = writable(table);
+    let (mut l, s, bad) = refusing_setup();
     l.enter().unwrap();
     put(&mut l, &s, 0, bad).unwrap();
     refused(l.leave());

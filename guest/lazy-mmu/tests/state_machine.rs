@@ -247,9 +247,7 @@ fn enter_and_pause_nest_at_most_255_deep() {
 /// but keeps the refusals for the next call that reports.
 #[test]
 fn leave_deferring_keeps_refusals_for_the_next_report() {
-    let (mut l, s) = std_setup();
-    let table = pinned_l1(&mut l);
-    let bad = writable(table);
+    let (mut l, s, bad) = refusing_setup();
     l.enter().unwrap();
     set(&mut l, &s, 0, 0).unwrap();
     put(&mut l, &s, 1, bad).unwrap();
@@ -295,9 +293,7 @@ fn leave_deferring_keeps_refusals_for_the_next_report() {
 /// `pause_deferring()` flushes like `pause()` but keeps the refusals for the section's leave.
 #[test]
 fn pause_deferring_keeps_refusals_for_the_leave() {
-    let (mut l, s) = std_setup();
-    let table = pinned_l1(&mut l);
-    let bad = writable(table);
+    let (mut l, s, bad) = refusing_setup();
     l.enter().unwrap();
     set(&mut l, &s, 0, 0).unwrap();
     put(&mut l, &s, 1, bad).unwrap();

@@ -20,6 +20,14 @@ pub fn setup<const E: usize, const R: usize>(tables: usize, data: usize) -> (Laz
 }
 
 /// Two L1 tables, 32 data frames, the default queue.
+/// [`std_setup`] plus a value Xen refuses in every slot: a writable mapping of a pinned L1
+/// table (`get_page_from_l1e`: -EBUSY).
+pub fn refusing_setup() -> (Lazy, Space, Pte) {
+    let (mut l, s) = std_setup();
+    let table = pinned_l1(&mut l);
+    (l, s, writable(table))
+}
+
 pub fn std_setup() -> (Lazy, Space) {
     setup(2, 32)
 }
