@@ -40,10 +40,8 @@ const fn crash(
     run: fn(&Context) -> TestOutcome,
 ) -> TestCase {
     TestCase {
-        name,
-        about,
-        run,
         crashes: true,
+        ..test(name, about, run)
     }
 }
 
