@@ -72,11 +72,14 @@ pub const HYPERVISOR_VIRT_END: u64 = xen_sys::__HYPERVISOR_VIRT_END as u64;
 /// Code selector of a 64-bit PV kernel (ring 3).
 pub const FLAT_KERNEL_CS: u16 = 0xe033;
 
+/// Bytes in the PV console ring's `output` array (a power of two: indices wrap with a mask).
+pub const XENCONS_OUTPUT_BYTES: usize = 2048;
+
 /// The PV console ring shared with the console backend (io/console.h).
 #[repr(C)]
 pub struct XenconsInterface {
     pub input: [u8; 1024],
-    pub output: [u8; 2048],
+    pub output: [u8; XENCONS_OUTPUT_BYTES],
     pub in_cons: u32,
     pub in_prod: u32,
     pub out_cons: u32,

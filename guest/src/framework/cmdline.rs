@@ -9,7 +9,7 @@
 //! | `preempt` | shorthand for `tests=preempt` |
 //! | `tasks=T` `hz=H` | parameters of the preempt test: tasks 1 to 8 (default 3), tick rate 1 to 20000 Hz (default 1000) |
 //! | `stress` | shorthand for `tests=stress` |
-//! | `seed=N` `ops=M` `depth=D` | parameters of the stress test: seed 0 to 2^64 - 1 (default 1), ops 1 to 50000 (default 1000), depth 1 to 64 (default 8) |
+//! | `seed=N` `ops=M` `depth=D` | parameters of the stress test: seed 0 to 2^64 - 1 (default 1), ops 1 to 50000 (default 500), depth 1 to 64 (default 8) |
 //! | `bench` | run the benchmark instead of the tests |
 //! | `reps=N` | benchmark repetitions per point: 1 to 1000 (default 5) |
 //!
@@ -69,7 +69,7 @@ impl Default for Options<'_> {
             tasks: 3,
             hz: 1000,
             seed: 1,
-            ops: 1000,
+            ops: 500,
             depth: 8,
             bench: false,
             reps: 5,

@@ -1,6 +1,8 @@
 //! The console reaches its backend: `console_io` for dom0, the PV ring for a domU, and the ring
 //! drains when more than it holds is written.
 
+use hypercalls::abi::XENCONS_OUTPUT_BYTES;
+
 use crate::framework::runner::{Context, TestOutcome};
 use crate::xen::{self, Role, console};
 
@@ -20,14 +22,16 @@ pub fn console(_: &Context) -> TestOutcome {
         "console backend for {}",
         role.name()
     );
-    // More than the ring holds (2 KiB), in lines, so the ring wraps and must drain.
+    // Just more than the ring holds, in lines, so the ring wraps and must drain.
     let before = console::bytes_accepted();
     let line = "console check: 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abc";
-    for i in 0..40 {
+    let line_bytes = line.len() as u64 + 4; // " NN\n"
+    let lines = XENCONS_OUTPUT_BYTES as u64 / line_bytes + 2;
+    for i in 0..lines {
         println!("{line} {i:02}");
     }
     let accepted = console::bytes_accepted() - before;
-    let expected = 40 * (line.len() as u64 + 4);
+    let expected = lines * line_bytes;
     ensure_eq!(accepted, expected, "bytes accepted by the console backend");
     // The backend must actually consume them (for the ring: out_cons catches up with out_prod),
     // within a time bound rather than a number of yields.

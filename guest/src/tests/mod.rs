@@ -139,7 +139,7 @@ pub static TESTS: &[TestCase] = &[
     ),
     test(
         "timer",
-        "VIRQ_TIMER with one-shot deadlines ticks at hz= (default 1000) for 200 ms",
+        "VIRQ_TIMER with one-shot deadlines ticks at hz= (default 1000) for 50 ms or 10 periods",
         interrupts::timer,
     ),
     test(

@@ -4,7 +4,7 @@
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicU64, Ordering, fence};
 
-use hypercalls::abi::XenconsInterface;
+use hypercalls::abi::{XENCONS_OUTPUT_BYTES, XenconsInterface};
 use hypercalls::calls;
 
 #[derive(Clone, Copy)]
@@ -130,7 +130,7 @@ impl Console {
 }
 
 fn write_ring(ring: *mut XenconsInterface, evtchn: u32, mut bytes: &[u8]) {
-    let size = 2048u32; // size of `output`
+    let size = XENCONS_OUTPUT_BYTES as u32;
     while !bytes.is_empty() {
         // SAFETY: `ring` maps the console page (see `init_ring_console`). The backend writes
         // `out_cons` concurrently, hence the volatile accesses and fences.
@@ -151,7 +151,7 @@ fn write_ring(ring: *mut XenconsInterface, evtchn: u32, mut bytes: &[u8]) {
         let n = core::cmp::min(free as usize, bytes.len());
         for (i, b) in bytes[..n].iter().enumerate() {
             let idx = (prod.wrapping_add(i as u32) & (size - 1)) as usize;
-            // SAFETY: idx < 2048; the slot lies between prod and cons + size, so it is ours.
+            // SAFETY: idx < XENCONS_OUTPUT_BYTES; the slot lies between prod and cons + size, so it is ours.
             unsafe { core::ptr::write_volatile(&raw mut (*ring).output[idx], *b) };
         }
         fence(Ordering::SeqCst);
