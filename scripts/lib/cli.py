@@ -70,7 +70,7 @@ def add_boot_options(ap, timeout=120.0, silence=DEFAULT_SILENCE):
                          f"with the tail of its console (default {silence:g})")
     ap.add_argument("--memory", type=bounded_int(64, 1 << 20, " MiB"), metavar="MIB",
                     help="dom0: the machine's memory, all of it for the guest (default: 512 MiB "
-                         "with dom0_mem=96M); domu/shim: the guest's memory (default 64/96)")
+                         "with dom0_mem=96M); domu/shim: the domain's memory (default 64; the shim keeps ~23 of it)")
     ap.add_argument("--smp", type=bounded_int(1, 64), default=1, metavar="N",
                     help="dom0: qemu -smp N and dom0_max_vcpus=N; domu/shim: the guest's vcpus "
                          "(default 1)")
