@@ -209,7 +209,9 @@ def boot_cases(xen, guest, cases):
         print(f"=== boot (dom0): {c.name}: in {out.seconds:.1f} s: "
               f"{_verdict_line(ok, out.verdict, c.want, seen, c.pattern)}", flush=True)
         if not ok:
-            print(out.tail(40))
+            # The guest's failed tests first: the tail may not reach back to them.
+            failed_tests = [line for line in out.lines if "FAILED  ]" in line]
+            print("\n".join(failed_tests + [out.tail(40)]))
             failures.append(c.name)
     return failures
 
@@ -279,9 +281,12 @@ def interrupt_case():
     tag = f"seed={os.getpid()}"
     print("\n=== interrupt: Ctrl-C during scripts/run (exit 130, no traceback, qemu ended)",
           flush=True)
+    # SIGINT back to its default in the child: a shell starts background jobs with it ignored,
+    # and Python then never turns it into KeyboardInterrupt (the case would test nothing).
     p = subprocess.Popen([str(ROOT / "scripts" / "run"), "--quiet", "--", "stress", tag,
                           "ops=50000", "depth=8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True, cwd=ROOT)
+                         text=True, start_new_session=True, cwd=ROOT,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(3.0)
     os.killpg(p.pid, signal.SIGINT)
     try:

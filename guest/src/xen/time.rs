@@ -77,6 +77,11 @@ pub fn ticks() -> u64 {
     TICKS.load(Ordering::Relaxed)
 }
 
+/// System time (ns) of the last [`start`]: ticks count periods from it.
+pub fn started_at() -> u64 {
+    START.load(Ordering::Relaxed)
+}
+
 /// Timer interrupts handled since boot.
 pub fn interrupts() -> u64 {
     INTERRUPTS.load(Ordering::Relaxed)
