@@ -27,6 +27,8 @@ CRASH_RES = [
 ]
 
 DEFAULT_SILENCE = 20.0
+# Xen's last word on a dom0 that stopped: once the verdict is known, nothing is left to wait for.
+MACHINE_STOPPED_RE = re.compile(r"Hardware Dom0 (halted|shutdown|crashed)")
 
 
 def judge_line(line):
@@ -103,6 +105,8 @@ def run_qemu(args, timeout, silence=DEFAULT_SILENCE, expect=(), echo=True, prefi
         if verdict is None and decided is not None:
             verdict, wait = decided if isinstance(decided, tuple) else (decided, grace)
             end_at = time.monotonic() + wait
+        elif verdict is not None and MACHINE_STOPPED_RE.search(line):
+            end_at = time.monotonic()
 
     try:
         if on_start is not None:

@@ -120,6 +120,15 @@ class RunQemu(unittest.TestCase):
         self.assertEqual(r.verdict, Verdict.SUCCESS)
         self.assertLess(time.monotonic() - t, 5)
 
+    def test_xen_halting_dom0_after_the_result_ends_the_grace(self):
+        t = time.monotonic()
+        r = run_qemu(sh("echo 'Test result: SUCCESS'; echo last; "
+                        "echo '(XEN) Hardware Dom0 halted: halting machine'; sleep 30"),
+                     timeout=20, echo=False, grace=10)
+        self.assertEqual(r.verdict, Verdict.SUCCESS)
+        self.assertLess(time.monotonic() - t, 5)
+        self.assertIn("last", r.lines)
+
     def test_silence_is_a_hang_with_the_tail(self):
         t = time.monotonic()
         # 2 s: scripts/test runs these next to two qemu; a shell may take a while to start.
