@@ -57,6 +57,8 @@ DOM0_CASES = [
          V.SUCCESS, r"\[       OK \] preempt"),
     Case("preempt seed 4242, 2 tasks at 1 kHz, 4000 ops", "preempt seed=4242 tasks=2 ops=4000",
          V.SUCCESS, r"\[       OK \] preempt"),
+    Case("preempt that never ticks inside its programs fails after 4 rounds",
+         "preempt hz=1 ops=100", V.FAILURE, r"in 4 rounds, no switch inside a lazy section"),
     Case("a task that panics is reported with its name", "tests=bug_task_panic", V.CRASH,
          r"PANIC in task 'doomed'"),
     Case("lazy=was-lazy-flag: a task preempted at depth >= 2 is a BUG",

@@ -10,8 +10,9 @@
 //! reported to it by its own calls (the stepper's reporting rule); at random points each task
 //! reads another task's shared slots, which must hold what that task's shadow said when it was
 //! switched out (no queued write crosses a switch); at the end every range equals its
-//! reference. Fails if no switch happened inside a lazy section or no upcall arrived during
-//! one.
+//! reference. A round in which no switch happened inside a lazy section, no upcall arrived
+//! during one or the handler never wrote runs again with the next seed, up to 4 rounds; then
+//! it fails.
 
 use alloc::format;
 use alloc::string::String;
@@ -138,11 +139,34 @@ fn run_task(
     })
 }
 
+/// Rounds of programs at most: a round in which no switch landed inside a section, no upcall
+/// came during one or the handler never wrote is followed by another with the next seed. Every
+/// round is checked in full; only this coverage can call for another.
+const ROUNDS: u64 = 4;
+
 pub fn preempt(ctx: &Context) -> TestOutcome {
     let o = ctx.options;
     if let Err(e) = program::check(o.ops as usize, o.depth) {
         return Err(TestFail::Error(format!("{e}")));
     }
+    for round in 0..ROUNDS {
+        let (k, u, w) = preempt_round(ctx, o.seed.wrapping_add(round))?;
+        if k > 0 && u > 0 && w > 0 {
+            return Ok(());
+        }
+        // A host that stalls this vCPU for milliseconds at a time folds the ticks it missed
+        // into one interrupt, and a short program may then see none inside a section.
+        println!("    round {round} left something untested: again with the next seed");
+    }
+    Err(failed(format!(
+        "in {ROUNDS} rounds, no switch inside a lazy section, no upcall during one or no handler write"
+    )))
+}
+
+/// One round: the tasks' programs with seeds from `seed`; (switches inside lazy sections,
+/// upcalls during lazy sections, handler writes).
+fn preempt_round(ctx: &Context, seed: u64) -> Result<(u64, u64, u64), TestFail> {
+    let o = ctx.options;
     let tasks = o.tasks as u64;
     let shared = Arc::new(Region::new(tasks * TABLE_PAGES, FRAMES, 0).map_err(failed)?);
     let irq_region = Arc::new(Region::new(IRQ_PAGES, IRQ_FRAMES, 0).map_err(failed)?);
@@ -155,7 +179,7 @@ pub fn preempt(ctx: &Context) -> TestOutcome {
     let mut owns = Vec::new();
     for t in 0..tasks {
         let own = Arc::new(Region::new(TABLE_PAGES, 1, 0).map_err(failed)?);
-        let seed = o.seed.wrapping_add(t.wrapping_mul(0x2545_f491_4f6c_dd1d));
+        let seed = seed.wrapping_add(t.wrapping_mul(0x2545_f491_4f6c_dd1d));
         let ops = program::generate_with(
             seed,
             o.ops as usize,
@@ -250,10 +274,7 @@ pub fn preempt(ctx: &Context) -> TestOutcome {
         "switches inside lazy sections: {k}, upcalls during lazy sections: {u}, handler writes: {w}"
     );
     ensure!(problems.is_empty(), "{}", problems.join("; "));
-    ensure!(k > 0, "no switch inside a lazy section");
-    ensure!(u > 0, "no upcall during a lazy section");
-    ensure!(w > 0, "the handler wrote nothing");
     drop(owns);
     drop(shared);
-    Ok(())
+    Ok((k, u, w))
 }
