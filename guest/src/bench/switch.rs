@@ -15,7 +15,7 @@ use crate::framework::cmdline::Options;
 use crate::mm::pte;
 use crate::mm::region::{Map, Region};
 use crate::sched;
-use crate::xen::{events, time};
+use crate::xen::events;
 
 const ROUNDS: u64 = 2000;
 const MOVE_PAGES: u64 = 4096;
@@ -109,13 +109,7 @@ pub fn rows(_options: &Options) -> Result<(), String> {
             core::hint::spin_loop();
         }
     });
-    time::start(1000).map_err(|e| format!("timer: {e}"))?;
-    sched::set_preemption(true);
-    events::unmask();
-    sched::join_all();
-    events::mask();
-    sched::set_preemption(false);
-    time::stop();
+    sched::with_preemption(1000, sched::join_all).map_err(|e| format!("timer: {e}"))?;
     let s = sched::stats();
     let preempted = result
         .lock()

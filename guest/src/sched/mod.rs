@@ -249,6 +249,19 @@ pub fn alive() -> usize {
         .count()
 }
 
+/// From `main`: run `body` with the timer ticking at `hz` and preempting tasks on every tick
+/// (events unmasked), then stop both; `body`'s value.
+pub fn with_preemption<T>(hz: u32, body: impl FnOnce() -> T) -> Result<T, hypercalls::XenError> {
+    time::start(hz)?;
+    set_preemption(true);
+    events::unmask();
+    let out = body();
+    events::mask();
+    set_preemption(false);
+    time::stop();
+    Ok(out)
+}
+
 /// From `main`: run the spawned tasks until every one has exited, then forget them.
 pub fn join_all() {
     while alive() > 0 {

@@ -212,13 +212,7 @@ fn preempt_round(ctx: &Context, seed: u64) -> Result<(u64, u64, u64), TestFail> 
     let before = sched::stats();
     let t0 = time::now_ns();
     let ticks0 = time::ticks();
-    time::start(o.hz).map_err(|e| failed(format!("timer: {e}")))?;
-    sched::set_preemption(true);
-    events::unmask();
-    sched::join_all();
-    events::mask();
-    sched::set_preemption(false);
-    time::stop();
+    sched::with_preemption(o.hz, sched::join_all).map_err(|e| failed(format!("timer: {e}")))?;
     time::remove_hook(irq_write);
     let ms = (time::now_ns() - t0) / 1_000_000;
     let ticks = time::ticks() - ticks0;

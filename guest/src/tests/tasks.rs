@@ -18,7 +18,7 @@ use crate::framework::runner::{Context, TestFail, TestOutcome};
 use crate::mm::pte;
 use crate::mm::region::{Map, Region};
 use crate::sched;
-use crate::xen::events::{self, IrqMutex};
+use crate::xen::events::IrqMutex;
 use crate::xen::time;
 
 type Log = Arc<IrqMutex<Vec<String>>>;
@@ -261,13 +261,7 @@ pub fn preempt_nested(_ctx: &Context) -> TestOutcome {
         }
         Ok(())
     };
-    time::start(1000).map_err(|e| TestFail::Failed(format!("timer: {e}")))?;
-    sched::set_preemption(true);
-    events::unmask();
-    let outcome = run_pair(a, b);
-    events::mask();
-    sched::set_preemption(false);
-    time::stop();
-    outcome?;
+    sched::with_preemption(1000, || run_pair(a, b))
+        .map_err(|e| TestFail::Failed(format!("timer: {e}")))??;
     check_mapped(&r, 0, 1)
 }
