@@ -21,7 +21,6 @@ pub const LINUX_REQUESTS: usize = 32;
 pub const DEFAULT_ENTRIES: usize = 64;
 pub const DEFAULT_REQUESTS: usize = 1024;
 
-#[derive(Clone)]
 /// The batch: at most `E` entries, `R` `mmu_update` requests and `E` table operations.
 pub struct Queue<const E: usize, const R: usize> {
     entries: [Entry; E],
@@ -45,6 +44,34 @@ pub struct Queue<const E: usize, const R: usize> {
     /// 1 + index of the last entry if it is an `mmu_update` entry that later writes may join
     /// (0: none). Keeps the common case, one more write to the open entry, to a few stores.
     open_updates: usize,
+}
+
+/// Only the used part of each array is the queue's: a clone copies that part (the model checker
+/// clones a whole vCPU state at every step, and 1024 requests are ~40 KiB).
+impl<const E: usize, const R: usize> Clone for Queue<E, R> {
+    fn clone(&self) -> Self {
+        let mut q = Self::new();
+        q.clone_from(self);
+        q
+    }
+
+    fn clone_from(&mut self, src: &Self) {
+        let (e, r, o) = (src.n_entries, src.n_reqs, src.n_ops);
+        self.entries[..e].copy_from_slice(&src.entries[..e]);
+        self.reqs[..r].copy_from_slice(&src.reqs[..r]);
+        self.req_va[..r].copy_from_slice(&src.req_va[..r]);
+        self.ops[..o].copy_from_slice(&src.ops[..o]);
+        self.op_kind[..o].copy_from_slice(&src.op_kind[..o]);
+        self.n_entries = e;
+        self.n_reqs = r;
+        self.n_ops = o;
+        self.tlb_run_open = src.tlb_run_open;
+        self.ptr_lo = src.ptr_lo;
+        self.ptr_hi = src.ptr_hi;
+        self.n_va_updates = src.n_va_updates;
+        self.may_hold_up = src.may_hold_up;
+        self.open_updates = src.open_updates;
+    }
 }
 
 impl<const E: usize, const R: usize> Queue<E, R> {

@@ -55,7 +55,6 @@ impl LazyState {
 }
 
 /// One vCPU's lazy-MMU state and batch, over a [`Hypervisor`].
-#[derive(Clone)]
 pub struct LazyMmu<
     H: Hypervisor,
     const E: usize = DEFAULT_ENTRIES,
@@ -72,6 +71,29 @@ pub struct LazyMmu<
     /// Nesting of interrupt handlers on this vCPU.
     pub(crate) irq_depth: u8,
     pub(crate) rules: Rules,
+}
+
+/// `clone_from` reuses the batch's arrays and copies only their used part (see [`Queue`]).
+impl<H: Hypervisor + Clone, const E: usize, const R: usize> Clone for LazyMmu<H, E, R> {
+    fn clone(&self) -> Self {
+        LazyMmu {
+            hv: self.hv.clone(),
+            queue: self.queue.clone(),
+            ..*self
+        }
+    }
+
+    fn clone_from(&mut self, src: &Self) {
+        self.hv.clone_from(&src.hv);
+        self.queue.clone_from(&src.queue);
+        self.state = src.state;
+        self.strict = src.strict;
+        self.counters = src.counters;
+        self.pending = src.pending;
+        self.last = src.last;
+        self.irq_depth = src.irq_depth;
+        self.rules = src.rules;
+    }
 }
 
 impl<H: Hypervisor, const E: usize, const R: usize> LazyMmu<H, E, R> {

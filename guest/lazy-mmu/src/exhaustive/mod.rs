@@ -142,7 +142,6 @@ impl core::fmt::Display for Failure {
 type Expected = Vec<(Request, XenError)>;
 
 /// Both worlds after a prefix, and the reference's refusals not yet reported, per task.
-#[derive(Clone)]
 struct Node<const E: usize, const R: usize> {
     lazy: LazyMmu<Model, E, R>,
     reference: Model,
@@ -150,6 +149,28 @@ struct Node<const E: usize, const R: usize> {
     current: usize,
     saved: TaskLazy,
     outstanding: [Vec<(Request, XenError)>; 2],
+}
+
+/// The search keeps one node per depth and `clone_from`s each child into it: the batch's
+/// arrays are reused, and only their used part is copied.
+impl<const E: usize, const R: usize> Clone for Node<E, R> {
+    fn clone(&self) -> Self {
+        Node {
+            lazy: self.lazy.clone(),
+            reference: self.reference.clone(),
+            current: self.current,
+            saved: self.saved,
+            outstanding: self.outstanding.clone(),
+        }
+    }
+
+    fn clone_from(&mut self, src: &Self) {
+        self.lazy.clone_from(&src.lazy);
+        self.reference.clone_from(&src.reference);
+        self.current = src.current;
+        self.saved = src.saved;
+        self.outstanding.clone_from(&src.outstanding);
+    }
 }
 
 impl<const E: usize, const R: usize> Node<E, R> {
@@ -192,8 +213,9 @@ pub fn check_all_over<const E: usize, const R: usize>(
         program: Vec::with_capacity(max_len),
         seen: BTreeMap::new(),
     };
+    let mut nodes = alloc::vec![root; max_len + 1];
     for &sym in first {
-        search.explore(&root, sym, max_len, &mut stats)?;
+        search.explore(&mut nodes, sym, max_len, &mut stats)?;
     }
     Ok(stats)
 }
@@ -228,16 +250,19 @@ struct Search {
 }
 
 impl Search {
+    /// `nodes[0]` is the parent; the child goes to `nodes[1]`, its children further on.
     fn explore<const E: usize, const R: usize>(
         &mut self,
-        parent: &Node<E, R>,
+        nodes: &mut [Node<E, R>],
         sym: Sym,
         budget: usize,
         stats: &mut Stats,
     ) -> Result<(), Failure> {
         self.program.push(sym);
-        let mut node = parent.clone();
-        let outcome = step(&self.world, &mut node, sym, stats);
+        let (parent, rest_nodes) = nodes.split_at_mut(1);
+        let node = &mut rest_nodes[0];
+        node.clone_from(&parent[0]);
+        let outcome = step(&self.world, node, sym, stats);
         stats.executed += 1;
         stats.programs += 1;
         let rest = budget - 1;
@@ -252,7 +277,7 @@ impl Search {
                 stats.programs += programs_up_to(self.alphabet.len(), rest);
                 Ok(())
             }
-            Ok(Step::Changed) => match self.settled_key(&node) {
+            Ok(Step::Changed) => match self.settled_key(&rest_nodes[0]) {
                 Some(key) if self.seen.get(&key).is_some_and(|&b| b >= rest) => {
                     stats.programs += programs_up_to(self.alphabet.len(), rest);
                     Ok(())
@@ -263,7 +288,7 @@ impl Search {
                     }
                     self.alphabet
                         .iter()
-                        .try_for_each(|&next| self.explore(&node, next, rest, stats))
+                        .try_for_each(|&next| self.explore(rest_nodes, next, rest, stats))
                 }
             },
         };
