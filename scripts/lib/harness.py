@@ -15,11 +15,11 @@ import time
 
 from .common import HarnessError, Result, Verdict, parse_result_line
 
+# Xen's last word on a dom0 that stopped (halted: powered off): nothing more will come.
+MACHINE_STOPPED_RE = re.compile(r"Hardware Dom0 (halted|shutdown|crashed)")
 # Lines that mean the guest (or Xen under it) is gone and no result line will follow.
 CRASH_RES = [
-    re.compile(r"Hardware Dom0 crashed"),
-    re.compile(r"Hardware Dom0 shutdown"),
-    re.compile(r"Hardware Dom0 halted"),  # powered off without a result line
+    MACHINE_STOPPED_RE,
     re.compile(r"Panic on CPU"),
     re.compile(r"Could not construct domain 0|Could not set up DOM0"),
     re.compile(r"domain_crash_sync called"),
@@ -27,8 +27,6 @@ CRASH_RES = [
 ]
 
 DEFAULT_SILENCE = 20.0
-# Xen's last word on a dom0 that stopped: once the verdict is known, nothing is left to wait for.
-MACHINE_STOPPED_RE = re.compile(r"Hardware Dom0 (halted|shutdown|crashed)")
 
 
 def judge_line(line):
@@ -106,7 +104,7 @@ def run_qemu(args, timeout, silence=DEFAULT_SILENCE, expect=(), echo=True, prefi
             verdict, wait = decided if isinstance(decided, tuple) else (decided, grace)
             end_at = time.monotonic() + wait
         elif verdict is not None and MACHINE_STOPPED_RE.search(line):
-            end_at = time.monotonic()
+            end_at = time.monotonic()  # the verdict is known and the machine stopped: no grace
 
     try:
         if on_start is not None:

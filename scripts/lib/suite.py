@@ -192,6 +192,11 @@ def _fake(kind):
         return _FAKES[kind]
 
 
+def _with_failed_tests(lines, tail):
+    """The guest's `[  FAILED  ]` lines, then `tail` (which may not reach back to them)."""
+    return "\n".join([line for line in lines if "FAILED  ]" in line] + [tail])
+
+
 def _verdict_line(ok, got, want, seen, pattern):
     return (f"{got}, expected {want}; '{pattern}' {'seen' if seen else 'NOT seen'} -> "
             f"{'ok' if ok else 'FAILED'}")
@@ -211,9 +216,7 @@ def boot_cases(xen, guest, cases):
         print(f"=== boot (dom0): {c.name}: in {out.seconds:.1f} s: "
               f"{_verdict_line(ok, out.verdict, c.want, seen, c.pattern)}", flush=True)
         if not ok:
-            # The guest's failed tests first: the tail may not reach back to them.
-            failed_tests = [line for line in out.lines if "FAILED  ]" in line]
-            print("\n".join(failed_tests + [out.tail(40)]))
+            print(_with_failed_tests(out.lines, out.tail(40)))
             failures.append(c.name)
     return failures
 
@@ -273,8 +276,7 @@ def cold_boot_case():
               f"{pages} pages -> {'ok' if ok else 'FAILED'}", flush=True)
         if not ok:
             lines = p.stdout.splitlines()
-            failed = [line for line in lines if "FAILED  ]" in line]
-            print("\n".join(failed + lines[-40:]), flush=True)
+            print(_with_failed_tests(lines, "\n".join(lines[-40:])), flush=True)
     return [] if ok else ["cold boot (domu, 1 GiB)"]
 
 
@@ -339,9 +341,9 @@ verdict it must reach (including the deliberate crashes).""", epilog_text())
     failed = [title for title, cmd in checks if not step(title, cmd)]
     units = lambda: [] if unit_tests(capture=True) else ["harness unit tests"]  # noqa: E731
     # Every lazy-MMU program up to 7 calls against the strict in-order reference; prints
-    # `exhaustive: N programs up to length 7 checked`. Beside the boots it runs at the lowest
-    # priority: it takes the CPU time the qemu lanes leave idle (they wait on each other's
-    # domains, consoles and timers) instead of 20 s of its own before them.
+    # `exhaustive: N programs up to length 7 checked`. Beside the boots, at the lowest priority,
+    # instead of ~15 s of its own before them: the qemu lanes keep their share of the two
+    # cores, and it takes what they leave.
     exhaustive = lambda: [] if step("exhaustive", [  # noqa: E731
         "nice", "-n", "19", "cargo", "run", "--release", "-q", "-p", "lazy-mmu", "--example",
         "exhaustive", "--", str(EXHAUSTIVE_LENGTH)], capture=True) else ["exhaustive"]
